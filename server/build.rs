@@ -1,0 +1,17 @@
+//! Compiles the wire contract with protox (pure Rust, no `protoc`), and keeps the encoded
+//! descriptor set for gRPC server reflection.
+use std::path::PathBuf;
+
+fn main() -> Result<(), Box<dyn std::error::Error>> {
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let file = proto_root.join("hardneg/v1/hardneg.proto");
+    println!("cargo:rerun-if-changed={}", file.display());
+    let fds = protox::compile([&file], [&proto_root])?;
+    let out = PathBuf::from(std::env::var("OUT_DIR")?);
+    std::fs::write(out.join("hardneg_descriptor.bin"), prost::Message::encode_to_vec(&fds))?;
+    tonic_prost_build::configure()
+        .build_server(true)
+        .build_client(true)
+        .compile_fds(fds)?;
+    Ok(())
+}

@@ -1,0 +1,223 @@
+//! Service configuration: one struct, loaded once (built-in defaults, then a TOML file,
+//! then `HARDNEG__SECTION__KEY` environment variables, then command-line flags).
+use std::path::{Path, PathBuf};
+
+use serde::Deserialize;
+
+/// The documented defaults; also the base layer of every load, so code and docs cannot drift.
+pub const DEFAULT_TOML: &str = include_str!("../../config/hardneg.toml");
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Config {
+    pub server: ServerConfig,
+    pub encoder: EncoderConfig,
+    pub index: IndexConfig,
+    pub mining: MiningConfig,
+    pub limits: LimitsConfig,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct ServerConfig {
+    pub listen: String,
+    pub data_dir: PathBuf,
+    pub shutdown_grace_seconds: u64,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct EncoderConfig {
+    pub model_dir: PathBuf,
+    /// 0: from the model's own files.
+    pub max_tokens: usize,
+    pub token_budget: usize,
+    pub max_batch_texts: usize,
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexConfig {
+    pub exact_search_below: usize,
+    pub connectivity: usize,
+    pub expansion_add: usize,
+    pub expansion_search: usize,
+    pub threads: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct MiningConfig {
+    pub default_range_max: u32,
+    pub max_depth: u32,
+    pub default_temperature: f32,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct LimitsConfig {
+    pub max_batch_queries: usize,
+    pub max_num_negatives: u32,
+    pub max_range: u32,
+    pub max_text_chars: usize,
+    pub max_positives_per_query: usize,
+    pub max_docs_per_message: usize,
+    pub max_message_bytes: usize,
+}
+
+/// Values given on the command line; they win over every other source.
+#[derive(Debug, Default, Clone)]
+pub struct Overrides {
+    pub listen: Option<String>,
+    pub data_dir: Option<PathBuf>,
+    pub model_dir: Option<PathBuf>,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration: {0}")]
+    Load(#[from] config::ConfigError),
+    #[error("configuration: {field}: {reason}")]
+    Invalid { field: &'static str, reason: String },
+}
+
+impl Config {
+    /// Loads defaults, then `file` (when given), then the process environment, then `overrides`.
+    pub fn load(file: Option<&Path>, overrides: &Overrides) -> Result<Self, ConfigError> {
+        Self::load_with_env(file, overrides, None)
+    }
+
+    /// As [`Config::load`], with the environment given explicitly (tests); `None` reads the
+    /// process environment.
+    pub fn load_with_env(
+        file: Option<&Path>,
+        overrides: &Overrides,
+        env: Option<std::collections::HashMap<String, String>>,
+    ) -> Result<Self, ConfigError> {
+        use config::{Environment, File, FileFormat};
+        let mut builder =
+            config::Config::builder().add_source(File::from_str(DEFAULT_TOML, FileFormat::Toml));
+        if let Some(path) = file {
+            builder = builder.add_source(File::from(path).format(FileFormat::Toml).required(true));
+        }
+        let mut environment = Environment::with_prefix("HARDNEG")
+            .prefix_separator("__")
+            .separator("__")
+            .try_parsing(true);
+        if let Some(env) = env {
+            environment = environment.source(Some(env));
+        }
+        builder = builder.add_source(environment);
+        if let Some(listen) = &overrides.listen {
+            builder = builder.set_override("server.listen", listen.as_str())?;
+        }
+        if let Some(dir) = &overrides.data_dir {
+            builder = builder.set_override("server.data_dir", dir.to_string_lossy().as_ref())?;
+        }
+        if let Some(dir) = &overrides.model_dir {
+            builder = builder.set_override("encoder.model_dir", dir.to_string_lossy().as_ref())?;
+        }
+        let cfg: Config = builder.build()?.try_deserialize()?;
+        cfg.validate()?;
+        Ok(cfg)
+    }
+
+    fn validate(&self) -> Result<(), ConfigError> {
+        let positive = [
+            ("encoder.token_budget", self.encoder.token_budget),
+            ("encoder.max_batch_texts", self.encoder.max_batch_texts),
+            ("encoder.queue_capacity", self.encoder.queue_capacity),
+            ("index.threads", self.index.threads),
+            ("index.connectivity", self.index.connectivity),
+            ("limits.max_batch_queries", self.limits.max_batch_queries),
+            ("limits.max_text_chars", self.limits.max_text_chars),
+            ("limits.max_docs_per_message", self.limits.max_docs_per_message),
+            ("limits.max_message_bytes", self.limits.max_message_bytes),
+            ("limits.max_num_negatives", self.limits.max_num_negatives as usize),
+            ("mining.default_range_max", self.mining.default_range_max as usize),
+        ];
+        for (field, value) in positive {
+            if value == 0 {
+                return Err(ConfigError::Invalid { field, reason: "must be greater than 0".into() });
+            }
+        }
+        if self.mining.max_depth < self.mining.default_range_max {
+            return Err(ConfigError::Invalid {
+                field: "mining.max_depth",
+                reason: "must be at least mining.default_range_max".into(),
+            });
+        }
+        if !(self.mining.default_temperature > 0.0) {
+            return Err(ConfigError::Invalid {
+                field: "mining.default_temperature",
+                reason: "must be greater than 0".into(),
+            });
+        }
+        if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                field: "server.listen",
+                reason: format!("{:?} is not an ADDR:PORT socket address", self.server.listen),
+            });
+        }
+        Ok(())
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::collections::HashMap;
+
+    fn no_env() -> Option<HashMap<String, String>> {
+        Some(HashMap::new())
+    }
+
+    #[test]
+    fn defaults_parse_and_match_the_documented_file() {
+        let cfg = Config::load_with_env(None, &Overrides::default(), no_env()).unwrap();
+        assert_eq!(cfg.server.listen, "127.0.0.1:50051");
+        assert_eq!(cfg.encoder.model_dir, PathBuf::from("models/all-MiniLM-L6-v2"));
+        assert_eq!(cfg.mining.default_range_max, 30);
+        assert_eq!(cfg.limits.max_num_negatives, 256);
+    }
+
+    #[test]
+    fn file_then_env_then_flags() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\nlisten = \"127.0.0.1:6000\"\n[mining]\nmax_depth = 500\n[limits]\nmax_batch_queries = 7\n").unwrap();
+        let env = HashMap::from([
+            ("HARDNEG__MINING__MAX_DEPTH".to_string(), "800".to_string()),
+            ("HARDNEG__SERVER__LISTEN".to_string(), "127.0.0.1:6001".to_string()),
+        ]);
+        let cfg = Config::load_with_env(Some(&file), &Overrides::default(), Some(env.clone())).unwrap();
+        assert_eq!(cfg.limits.max_batch_queries, 7, "file applies");
+        assert_eq!(cfg.mining.max_depth, 800, "env beats file");
+        assert_eq!(cfg.server.listen, "127.0.0.1:6001");
+        let flags = Overrides {
+            listen: Some("127.0.0.1:7000".into()),
+            data_dir: Some("/tmp/x".into()),
+            model_dir: Some("/m".into()),
+        };
+        let cfg = Config::load_with_env(Some(&file), &flags, Some(env)).unwrap();
+        assert_eq!(cfg.server.listen, "127.0.0.1:7000", "flags beat env");
+        assert_eq!(cfg.server.data_dir, PathBuf::from("/tmp/x"));
+        assert_eq!(cfg.encoder.model_dir, PathBuf::from("/m"));
+    }
+
+    #[test]
+    fn unknown_keys_and_bad_values_are_refused_by_name() {
+        let dir = tempfile::tempdir().unwrap();
+        let file = dir.path().join("c.toml");
+        std::fs::write(&file, "[server]\nlisen = \"x\"\n").unwrap();
+        let err = Config::load_with_env(Some(&file), &Overrides::default(), no_env()).unwrap_err();
+        assert!(err.to_string().contains("lisen"), "{err}");
+        let env = HashMap::from([("HARDNEG__ENCODER__TOKEN_BUDGET".to_string(), "0".to_string())]);
+        let err = Config::load_with_env(None, &Overrides::default(), Some(env)).unwrap_err();
+        assert!(err.to_string().contains("encoder.token_budget"), "{err}");
+        let flags = Overrides { listen: Some("nowhere".into()), ..Default::default() };
+        let err = Config::load_with_env(None, &flags, no_env()).unwrap_err();
+        assert!(err.to_string().contains("server.listen"), "{err}");
+    }
+}

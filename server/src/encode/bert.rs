@@ -1,0 +1,288 @@
+//! BERT-family sentence encoder on candle: `BertModel`, then the pooling that
+//! `1_Pooling/config.json` names (mean by default), then L2 normalization.
+use std::path::Path;
+
+use candle_core::{D, DType, Device, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+use super::{EmbedModel, EncodeError, EncoderInfo, TokenizedText};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Pooling {
+    Mean,
+    Cls,
+    Max,
+    MeanSqrtLen,
+}
+
+#[derive(Debug, Default, Deserialize)]
+struct PoolingFile {
+    #[serde(default)]
+    pooling_mode_cls_token: bool,
+    #[serde(default)]
+    pooling_mode_mean_tokens: bool,
+    #[serde(default)]
+    pooling_mode_max_tokens: bool,
+    #[serde(default)]
+    pooling_mode_mean_sqrt_len_tokens: bool,
+}
+
+#[derive(Debug, Deserialize)]
+struct SentenceBertFile {
+    max_seq_length: Option<usize>,
+}
+
+/// The loaded parts of a model directory.
+pub struct Loaded {
+    pub model: BertEmbedder,
+    pub tokenizer: Tokenizer,
+    pub info: EncoderInfo,
+}
+
+pub struct BertEmbedder {
+    model: BertModel,
+    pooling: Pooling,
+    dims: usize,
+    device: Device,
+}
+
+fn load_err(dir: &Path, reason: impl std::fmt::Display) -> EncodeError {
+    EncodeError::Load { dir: dir.display().to_string(), reason: reason.to_string() }
+}
+
+fn read(dir: &Path, name: &str) -> Result<Vec<u8>, EncodeError> {
+    std::fs::read(dir.join(name)).map_err(|e| load_err(dir, format!("{name}: {e}")))
+}
+
+/// Pooling mode from `1_Pooling/config.json`; mean when the file is absent.
+pub fn read_pooling(dir: &Path) -> Result<(Pooling, Vec<u8>), EncodeError> {
+    let path = dir.join("1_Pooling/config.json");
+    if !path.exists() {
+        return Ok((Pooling::Mean, Vec::new()));
+    }
+    let bytes = read(dir, "1_Pooling/config.json")?;
+    let file: PoolingFile = serde_json::from_slice(&bytes)
+        .map_err(|e| load_err(dir, format!("1_Pooling/config.json: {e}")))?;
+    let pooling = if file.pooling_mode_cls_token {
+        Pooling::Cls
+    } else if file.pooling_mode_max_tokens {
+        Pooling::Max
+    } else if file.pooling_mode_mean_sqrt_len_tokens {
+        Pooling::MeanSqrtLen
+    } else if file.pooling_mode_mean_tokens {
+        Pooling::Mean
+    } else {
+        return Err(load_err(dir, "1_Pooling/config.json enables no pooling mode"));
+    };
+    Ok((pooling, bytes))
+}
+
+impl BertEmbedder {
+    /// Loads config.json, tokenizer.json and model.safetensors from `dir`. `max_tokens` 0
+    /// takes `max_seq_length` from sentence_bert_config.json, else `max_position_embeddings`.
+    pub fn load(dir: &Path, max_tokens: usize) -> Result<Loaded, EncodeError> {
+        let config_bytes = read(dir, "config.json")?;
+        let config: BertConfig = serde_json::from_slice(&config_bytes)
+            .map_err(|e| load_err(dir, format!("config.json: {e}")))?;
+        let (pooling, pooling_bytes) = read_pooling(dir)?;
+        let weights_path = dir.join("model.safetensors");
+        let weights = std::fs::read(&weights_path)
+            .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
+        let mut hasher = Sha256::new();
+        hasher.update(&config_bytes);
+        hasher.update(&pooling_bytes);
+        hasher.update(&weights);
+        let fingerprint = hex::encode(hasher.finalize());
+
+        let device = Device::Cpu;
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
+            .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
+        let model = BertModel::load(vb, &config)
+            .map_err(|e| load_err(dir, format!("model.safetensors does not match config.json: {e}")))?;
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| load_err(dir, format!("tokenizer.json: {e}")))?;
+
+        let from_files = if max_tokens > 0 {
+            max_tokens
+        } else {
+            let sbert = dir.join("sentence_bert_config.json");
+            let configured = if sbert.exists() {
+                let bytes = read(dir, "sentence_bert_config.json")?;
+                serde_json::from_slice::<SentenceBertFile>(&bytes)
+                    .map_err(|e| load_err(dir, format!("sentence_bert_config.json: {e}")))?
+                    .max_seq_length
+            } else {
+                None
+            };
+            configured.unwrap_or(config.max_position_embeddings)
+        };
+        let max_tokens = from_files.min(config.max_position_embeddings).max(2);
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        let info = EncoderInfo { name, fingerprint, dims: config.hidden_size, max_tokens };
+        Ok(Loaded {
+            model: BertEmbedder { model, pooling, dims: config.hidden_size, device },
+            tokenizer,
+            info,
+        })
+    }
+
+    fn forward(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
+        let n = batch.len();
+        let mut ids = vec![0u32; n * len];
+        let mut types = vec![0u32; n * len];
+        let mut mask = vec![0u32; n * len];
+        for (row, text) in batch.iter().enumerate() {
+            let at = row * len;
+            ids[at..at + text.ids.len()].copy_from_slice(&text.ids);
+            types[at..at + text.type_ids.len()].copy_from_slice(&text.type_ids);
+            mask[at..at + text.ids.len()].fill(1);
+        }
+        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
+        let types = Tensor::from_vec(types, (n, len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let hidden = self.model.forward(&ids, &types, Some(&mask))?; // (n, len, dims)
+        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, len, 1)
+        let pooled = match self.pooling {
+            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
+            Pooling::Mean | Pooling::MeanSqrtLen => {
+                let summed = hidden.broadcast_mul(&maskf)?.sum(1)?;
+                let counts = maskf.sum(1)?; // (n, 1)
+                let divisor = if self.pooling == Pooling::Mean { counts } else { counts.sqrt()? };
+                summed.broadcast_div(&divisor)?
+            }
+            Pooling::Max => {
+                // Padding must never win the max.
+                let penalty = ((maskf.ones_like()? - &maskf)? * -1e9)?;
+                hidden.broadcast_add(&penalty)?.max(1)?
+            }
+        };
+        let norms = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
+        pooled.broadcast_div(&norms)?.to_vec2::<f32>()
+    }
+}
+
+impl EmbedModel for BertEmbedder {
+    fn embed(&mut self, batch: &[&TokenizedText]) -> Result<Vec<Vec<f32>>, EncodeError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.forward(batch)?)
+    }
+
+    fn dims(&self) -> usize {
+        self.dims
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{tiny_model, real_model_dir};
+    use super::super::{BatchConfig, Encoder};
+    use super::*;
+
+    fn cos(a: &[f32], b: &[f32]) -> f32 {
+        let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+        let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+        let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+        dot / (na * nb)
+    }
+
+    const CFG: BatchConfig = BatchConfig { token_budget: 4096, max_batch_texts: 64, queue_capacity: 64 };
+
+    fn texts() -> Vec<String> {
+        [
+            "the quick brown fox",
+            "a lazy dog sleeps",
+            "fox",
+            "the dog and the fox and the quick lazy brown sleeps",
+            "quick quick quick",
+        ]
+        .map(String::from)
+        .to_vec()
+    }
+
+    #[tokio::test]
+    async fn tiny_model_vectors_are_normalized_and_batch_independent() {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_model(dir.path(), "mean");
+        let enc = Encoder::load(dir.path(), 0, CFG).unwrap();
+        assert_eq!(enc.info().dims, 32);
+        assert_eq!(enc.info().max_tokens, 64, "max_position_embeddings caps the length");
+        let batched = enc.encode(texts()).await.unwrap();
+        assert_eq!(batched.len(), 5);
+        for (text, v) in texts().into_iter().zip(&batched) {
+            assert_eq!(v.len(), 32);
+            let norm: f32 = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            assert!((norm - 1.0).abs() < 1e-5, "norm {norm}");
+            let alone = enc.encode(vec![text]).await.unwrap();
+            assert!(cos(&alone[0], v) > 0.9999, "padding changed the embedding");
+        }
+        assert!(cos(&batched[0], &batched[1]) < 0.9999, "different texts, different vectors");
+    }
+
+    #[tokio::test]
+    async fn truncation_is_explicit_and_pooling_follows_the_config() {
+        let dir = tempfile::tempdir().unwrap();
+        tiny_model(dir.path(), "cls");
+        let enc = Encoder::load(dir.path(), 8, CFG).unwrap();
+        assert_eq!(enc.info().max_tokens, 8);
+        let long = "fox ".repeat(500);
+        let toks = enc.tokenize(&[long.clone()]).unwrap();
+        assert_eq!(toks[0].ids.len(), 8, "truncated to max_tokens, specials included");
+        assert_eq!(enc.encode(vec![long]).await.unwrap()[0].len(), 32);
+
+        let mean_dir = tempfile::tempdir().unwrap();
+        tiny_model(mean_dir.path(), "mean");
+        let mean = Encoder::load(mean_dir.path(), 8, CFG).unwrap();
+        assert_eq!(mean.info().dims, enc.info().dims);
+        assert_ne!(mean.info().fingerprint, enc.info().fingerprint, "different model files, different fingerprints");
+        let a = enc.encode(texts()).await.unwrap();
+        let b = mean.encode(texts()).await.unwrap();
+        assert!(cos(&a[3], &b[3]) < 0.9999, "cls and mean pooling differ");
+    }
+
+    #[test]
+    fn missing_files_name_the_file() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = BertEmbedder::load(dir.path(), 0).err().unwrap().to_string();
+        assert!(err.contains("config.json"), "{err}");
+    }
+
+    /// Reference values for all-MiniLM-L6-v2 (sentence-transformers, mean pooling, normalized).
+    #[tokio::test]
+    async fn real_minilm_matches_reference_similarities() {
+        let dir = real_model_dir();
+        let enc = Encoder::load(&dir, 0, CFG).unwrap();
+        assert_eq!(enc.info().dims, 384);
+        assert_eq!(enc.info().max_tokens, 256, "from sentence_bert_config.json, not tokenizer.json's 128");
+        let v = enc
+            .encode(vec![
+                "A man is eating food.".into(),
+                "A man is eating pasta.".into(),
+                "A man is riding a horse.".into(),
+            ])
+            .await
+            .unwrap();
+        let pasta = cos(&v[0], &v[1]);
+        let horse = cos(&v[0], &v[2]);
+        assert!((pasta - 0.704).abs() < 0.01, "food/pasta {pasta}");
+        assert!((horse - 0.247).abs() < 0.01, "food/horse {horse}");
+
+        let corpus: Vec<String> = (0..12)
+            .map(|i| format!("document {i} about {} aerodynamic flow over wings", "boundary layer ".repeat(i * 7)))
+            .collect();
+        let batched = enc.encode(corpus.clone()).await.unwrap();
+        for (text, b) in corpus.into_iter().zip(batched) {
+            let alone = enc.encode(vec![text]).await.unwrap();
+            assert!(cos(&alone[0], &b) > 0.999);
+        }
+    }
+}

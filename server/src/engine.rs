@@ -1,0 +1,574 @@
+//! The engine: collections in memory (documents' ids and text hashes, the vector index) over
+//! the durable store, and the operations the API exposes. The API layer validates requests
+//! before they reach this module.
+use std::collections::{HashMap, HashSet};
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+use std::time::{Instant, SystemTime, UNIX_EPOCH};
+
+use parking_lot::RwLock;
+use rand::SeedableRng;
+use rand_chacha::ChaCha8Rng;
+use serde::{Deserialize, Serialize};
+
+use crate::config::Config;
+use crate::encode::Encoder;
+use crate::error::{Error, Result};
+use crate::index::{Metric, Quantization, VectorIndex};
+use crate::mine::{self, Candidate, DepthPlan, Filters, QueryContext, Sampling, TextHashes};
+use crate::proto as pb;
+use crate::store::{CollectionMeta, Store, StoredDoc};
+
+/// What the engine keeps in memory per document.
+#[derive(Debug, Clone)]
+pub struct DocEntry {
+    pub id: Arc<str>,
+    pub hashes: TextHashes,
+}
+
+#[derive(Default)]
+pub struct DocTable {
+    pub by_key: HashMap<u64, DocEntry>,
+    pub by_id: HashMap<Arc<str>, u64>,
+}
+
+impl DocTable {
+    fn insert(&mut self, key: u64, doc: &StoredDoc) {
+        let id: Arc<str> = Arc::from(doc.id.as_str());
+        if let Some(old) = self.by_id.insert(id.clone(), key) {
+            self.by_key.remove(&old);
+        }
+        self.by_key.insert(key, DocEntry { id, hashes: doc_hashes(doc) });
+    }
+}
+
+pub fn doc_hashes(doc: &StoredDoc) -> TextHashes {
+    [mine::text_hash(&doc.text), mine::text_hash(&doc.encoded_text())]
+}
+
+pub struct Collection {
+    pub meta: RwLock<CollectionMeta>,
+    pub metric: Metric,
+    pub quantization: Quantization,
+    pub index: VectorIndex,
+    pub docs: RwLock<DocTable>,
+    /// Serializes writers (upsert, delete, save) of this collection.
+    write: tokio::sync::Mutex<()>,
+    /// Why text cannot be encoded for this collection, when the server's encoder differs from
+    /// the one its vectors came from.
+    pub encoder_mismatch: Option<String>,
+}
+
+/// The saved-index manifest: which store version and vector space the file reflects.
+#[derive(Debug, Serialize, Deserialize, PartialEq)]
+struct IndexManifest {
+    version: u64,
+    dims: u32,
+    metric: String,
+    quantization: String,
+    encoder_fingerprint: String,
+    generation: u64,
+}
+
+pub struct Engine {
+    pub cfg: Arc<Config>,
+    store: Arc<Store>,
+    pub encoder: Encoder,
+    collections: RwLock<HashMap<String, Arc<Collection>>>,
+    index_dir: PathBuf,
+}
+
+/// Resolved mining options (defaults applied, validated).
+#[derive(Debug, Clone)]
+pub struct MineParams {
+    pub num_negatives: usize,
+    pub range_max: usize,
+    pub filters: Filters,
+    pub sampling: Sampling,
+    pub seed: Option<u64>,
+    pub adaptive_depth: bool,
+    pub return_text: bool,
+}
+
+async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+    tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("blocking task: {e}")))?
+}
+
+fn now_unix() -> u64 {
+    SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+impl Engine {
+    /// Opens the store under `data_dir` and brings every collection back: documents from the
+    /// store, the index from its saved file when that reflects the store's latest version,
+    /// otherwise rebuilt from the stored vectors.
+    pub fn open(cfg: Arc<Config>, encoder: Encoder) -> anyhow::Result<Self> {
+        let data_dir = &cfg.server.data_dir;
+        std::fs::create_dir_all(data_dir)?;
+        let store = Arc::new(Store::open(&data_dir.join("store.redb"))?);
+        let index_dir = data_dir.join("indexes");
+        std::fs::create_dir_all(&index_dir)?;
+        let engine = Self { cfg, store, encoder, collections: RwLock::new(HashMap::new()), index_dir };
+        for meta in engine.store.collections()? {
+            let name = meta.name.clone();
+            let coll = engine.load_collection(meta)?;
+            engine.collections.write().insert(name, Arc::new(coll));
+        }
+        Ok(engine)
+    }
+
+    fn load_collection(&self, meta: CollectionMeta) -> anyhow::Result<Collection> {
+        let metric = Metric::parse(&meta.metric)
+            .ok_or_else(|| anyhow::anyhow!("collection {}: unknown metric {:?}", meta.name, meta.metric))?;
+        let quantization = Quantization::parse(&meta.quantization)
+            .ok_or_else(|| anyhow::anyhow!("collection {}: unknown quantization {:?}", meta.name, meta.quantization))?;
+        let info = self.encoder.info();
+        let encoder_mismatch = (meta.encoder_fingerprint != info.fingerprint).then(|| {
+            format!(
+                "collection {:?} was encoded with encoder {} ({}), the server runs {} ({}): text cannot be encoded for it; send query vectors",
+                meta.name, meta.encoder_name, &meta.encoder_fingerprint[..12.min(meta.encoder_fingerprint.len())],
+                info.name, &info.fingerprint[..12]
+            )
+        });
+        if let Some(why) = &encoder_mismatch {
+            tracing::warn!("{why}");
+        }
+        let rows = self.store.scan(&meta.name)?;
+        let mut docs = DocTable::default();
+        for (key, doc, _) in &rows {
+            docs.insert(*key, doc);
+        }
+        let dir = self.index_dir.join(&meta.name);
+        let expected = IndexManifest {
+            version: meta.version,
+            dims: meta.dims,
+            metric: meta.metric.clone(),
+            quantization: meta.quantization.clone(),
+            encoder_fingerprint: meta.encoder_fingerprint.clone(),
+            generation: meta.generation,
+        };
+        let saved: Option<IndexManifest> = std::fs::read(dir.join("manifest.json"))
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        let dims = meta.dims as usize;
+        let index = match saved {
+            Some(m) if m == expected => {
+                let index = VectorIndex::load(&dir.join("index.usearch"), dims, metric, quantization, &self.cfg.index)?;
+                tracing::info!(collection = %meta.name, docs = rows.len(), "index loaded from its saved file");
+                index
+            }
+            other => {
+                if other.is_some() {
+                    tracing::info!(collection = %meta.name, "saved index is stale; rebuilding from the store");
+                }
+                let index = VectorIndex::new(dims, metric, quantization, &self.cfg.index)?;
+                let items: Vec<(u64, Vec<f32>)> = rows.into_iter().map(|(k, _, v)| (k, v)).collect();
+                let n = items.len();
+                index.add_blocking(&items)?;
+                tracing::info!(collection = %meta.name, docs = n, "index rebuilt from the store");
+                index
+            }
+        };
+        Ok(Collection {
+            meta: RwLock::new(meta),
+            metric,
+            quantization,
+            index,
+            docs: RwLock::new(docs),
+            write: tokio::sync::Mutex::new(()),
+            encoder_mismatch,
+        })
+    }
+
+    /// Saves every collection's index with its manifest (temporary file, fsync, rename).
+    pub async fn save_indexes(&self) -> Result<()> {
+        let colls: Vec<Arc<Collection>> = self.collections.read().values().cloned().collect();
+        for coll in colls {
+            let _w = coll.write.lock().await;
+            let meta = coll.meta.read().clone();
+            let dir = self.index_dir.join(&meta.name);
+            let manifest = IndexManifest {
+                version: meta.version,
+                dims: meta.dims,
+                metric: meta.metric.clone(),
+                quantization: meta.quantization.clone(),
+                encoder_fingerprint: meta.encoder_fingerprint.clone(),
+                generation: meta.generation,
+            };
+            let coll2 = coll.clone();
+            blocking(move || save_index(&coll2.index, &dir, &manifest)).await?;
+        }
+        Ok(())
+    }
+
+    pub fn get(&self, name: &str) -> Result<Arc<Collection>> {
+        self.collections.read().get(name).cloned().ok_or_else(|| Error::CollectionNotFound(name.to_string()))
+    }
+
+    pub fn info(&self, coll: &Collection) -> pb::CollectionInfo {
+        let meta = coll.meta.read();
+        pb::CollectionInfo {
+            name: meta.name.clone(),
+            doc_count: meta.doc_count,
+            dims: meta.dims,
+            metric: match coll.metric {
+                Metric::Cosine => pb::Metric::Cosine,
+                Metric::InnerProduct => pb::Metric::InnerProduct,
+            } as i32,
+            quantization: match coll.quantization {
+                Quantization::F32 => pb::Quantization::F32,
+                Quantization::F16 => pb::Quantization::F16,
+                Quantization::I8 => pb::Quantization::I8,
+            } as i32,
+            encoder_fingerprint: meta.encoder_fingerprint.clone(),
+            generation: meta.generation,
+            encoder_name: meta.encoder_name.clone(),
+        }
+    }
+
+    pub fn list(&self) -> Vec<pb::CollectionInfo> {
+        let mut colls: Vec<Arc<Collection>> = self.collections.read().values().cloned().collect();
+        colls.sort_by(|a, b| a.meta.read().name.cmp(&b.meta.read().name));
+        colls.iter().map(|c| self.info(c)).collect()
+    }
+
+    pub async fn create(&self, name: &str, metric: Metric, quantization: Quantization) -> Result<pb::CollectionInfo> {
+        let info = self.encoder.info();
+        let meta = CollectionMeta {
+            name: name.to_string(),
+            metric: metric.as_str().into(),
+            quantization: quantization.as_str().into(),
+            dims: info.dims as u32,
+            encoder_fingerprint: info.fingerprint.clone(),
+            encoder_name: info.name.clone(),
+            generation: 1,
+            next_key: 0,
+            version: 0,
+            doc_count: 0,
+            created_at_unix: now_unix(),
+        };
+        if self.collections.read().contains_key(name) {
+            return Err(Error::CollectionExists(name.to_string()));
+        }
+        let index = VectorIndex::new(info.dims, metric, quantization, &self.cfg.index)?;
+        let store = self.store.clone();
+        let m = meta.clone();
+        if !blocking(move || Ok(store.create_collection(&m)?)).await? {
+            return Err(Error::CollectionExists(name.to_string()));
+        }
+        let coll = Arc::new(Collection {
+            meta: RwLock::new(meta),
+            metric,
+            quantization,
+            index,
+            docs: RwLock::new(DocTable::default()),
+            write: tokio::sync::Mutex::new(()),
+            encoder_mismatch: None,
+        });
+        let info = self.info(&coll);
+        self.collections.write().insert(name.to_string(), coll);
+        Ok(info)
+    }
+
+    pub async fn drop_collection(&self, name: &str) -> Result<bool> {
+        let Some(coll) = self.collections.write().remove(name) else {
+            return Err(Error::CollectionNotFound(name.to_string()));
+        };
+        let _w = coll.write.lock().await;
+        let store = self.store.clone();
+        let n = name.to_string();
+        let dropped = blocking(move || Ok(store.drop_collection(&n)?)).await?;
+        let _ = std::fs::remove_dir_all(self.index_dir.join(name));
+        Ok(dropped)
+    }
+
+    /// Encodes, stores durably, then indexes one message's documents. Returns (inserted, updated).
+    pub async fn upsert(&self, coll: &Arc<Collection>, docs: Vec<StoredDoc>) -> Result<(u64, u64)> {
+        if let Some(why) = &coll.encoder_mismatch {
+            return Err(Error::FailedPrecondition(why.clone()));
+        }
+        if docs.is_empty() {
+            return Ok((0, 0));
+        }
+        let texts: Vec<String> = docs.iter().map(StoredDoc::encoded_text).collect();
+        let mut vectors = Vec::with_capacity(texts.len());
+        for chunk in texts.chunks(256) {
+            vectors.extend(self.encoder.encode(chunk.to_vec()).await?);
+        }
+        let name = coll.meta.read().name.clone();
+        let _w = coll.write.lock().await;
+        let rows: Vec<(StoredDoc, Vec<f32>)> = docs.into_iter().zip(vectors).collect();
+        let store = self.store.clone();
+        let (meta, written, rows) = blocking(move || {
+            let (meta, written) = store.upsert(&name, &rows)?;
+            Ok((meta, written, rows))
+        })
+        .await?;
+        let mut items = Vec::with_capacity(rows.len());
+        let mut replaced = Vec::new();
+        let mut updated = 0;
+        {
+            let mut table = coll.docs.write();
+            for ((doc, vector), w) in rows.into_iter().zip(&written) {
+                table.insert(w.key, &doc);
+                if let Some(old) = w.replaced {
+                    updated += 1;
+                    // An id repeated within this message replaces a key not yet in the index.
+                    if items.iter().all(|(k, _): &(u64, Vec<f32>)| *k != old) {
+                        replaced.push(old);
+                    } else {
+                        items.retain(|(k, _)| *k != old);
+                    }
+                }
+                items.push((w.key, vector));
+            }
+        }
+        *coll.meta.write() = meta;
+        coll.index.add(items, replaced).await?;
+        Ok((written.len() as u64 - updated, updated))
+    }
+
+    pub async fn delete(&self, coll: &Arc<Collection>, ids: Vec<String>) -> Result<(u64, u64)> {
+        let name = coll.meta.read().name.clone();
+        let _w = coll.write.lock().await;
+        let store = self.store.clone();
+        let (meta, removed, missing) = blocking(move || Ok(store.delete(&name, &ids)?)).await?;
+        {
+            let mut table = coll.docs.write();
+            for key in &removed {
+                if let Some(entry) = table.by_key.remove(key) {
+                    table.by_id.remove(&entry.id);
+                }
+            }
+        }
+        *coll.meta.write() = meta;
+        let deleted = removed.len() as u64;
+        coll.index.remove(removed).await?;
+        Ok((deleted, missing.len() as u64))
+    }
+
+    /// Mines one validated batch.
+    pub async fn mine(&self, req: &pb::MineRequest, params: &MineParams) -> Result<pb::MineResponse> {
+        let started = Instant::now();
+        let coll = self.get(&req.collection)?;
+        let dims = coll.meta.read().dims as usize;
+        let generation = coll.meta.read().generation;
+
+        // Encode query texts (queries without a vector) and positive texts, in one job.
+        let mut texts = Vec::new();
+        for q in &req.queries {
+            if q.vector.is_empty() {
+                texts.push(q.text.clone());
+            }
+            texts.extend(q.positive_texts.iter().cloned());
+        }
+        if !texts.is_empty() {
+            if let Some(why) = &coll.encoder_mismatch {
+                return Err(Error::FailedPrecondition(why.clone()));
+            }
+        }
+        let t_encode = Instant::now();
+        let mut encoded = self.encoder.encode(texts).await?.into_iter();
+        let encode_seconds = t_encode.elapsed().as_secs_f64();
+
+        let mut query_vecs = Vec::with_capacity(req.queries.len());
+        let mut positive_text_vecs: Vec<Vec<Vec<f32>>> = Vec::with_capacity(req.queries.len());
+        for q in &req.queries {
+            let v = if q.vector.is_empty() {
+                encoded.next().expect("one encoded vector per query text")
+            } else {
+                q.vector.clone()
+            };
+            if v.len() != dims {
+                return Err(Error::Internal(format!("query vector has {} dims, collection {}", v.len(), dims)));
+            }
+            query_vecs.push(v);
+            positive_text_vecs.push(q.positive_texts.iter().map(|_| encoded.next().expect("one vector per positive text")).collect());
+        }
+
+        // Resolve positives against the collection.
+        let mut contexts: Vec<QueryContext> = Vec::with_capacity(req.queries.len());
+        let mut all_positive_keys = Vec::new();
+        {
+            let table = coll.docs.read();
+            for q in &req.queries {
+                let mut ctx = QueryContext::default();
+                for id in &q.positive_ids {
+                    if let Some(&key) = table.by_id.get(id.as_str()) {
+                        ctx.positive_keys.insert(key);
+                        ctx.positive_hashes.extend(table.by_key[&key].hashes);
+                        all_positive_keys.push(key);
+                    }
+                }
+                for t in &q.positive_texts {
+                    ctx.positive_hashes.insert(mine::text_hash(t));
+                }
+                if q.vector.is_empty() || !q.text.trim().is_empty() {
+                    ctx.positive_hashes.insert(mine::text_hash(&q.text));
+                }
+                contexts.push(ctx);
+            }
+        }
+        let positive_vecs = if all_positive_keys.is_empty() {
+            HashMap::new()
+        } else {
+            let store = self.store.clone();
+            let name = req.collection.clone();
+            blocking(move || Ok(store.vectors(&name, &all_positive_keys)?)).await?
+        };
+        let mut batch_keys = HashSet::new();
+        let mut batch_hashes = HashSet::new();
+        if params.filters.exclude_batch_positives {
+            for (ctx, q) in contexts.iter().zip(&req.queries) {
+                batch_keys.extend(ctx.positive_keys.iter().copied());
+                batch_hashes.extend(q.positive_texts.iter().map(|t| mine::text_hash(t)));
+                let table = coll.docs.read();
+                for key in &ctx.positive_keys {
+                    batch_hashes.extend(table.by_key[key].hashes);
+                }
+            }
+        }
+        for (i, ctx) in contexts.iter_mut().enumerate() {
+            let q = &query_vecs[i];
+            let scores = ctx
+                .positive_keys
+                .iter()
+                .filter_map(|k| positive_vecs.get(k))
+                .chain(positive_text_vecs[i].iter())
+                .map(|p| coll.metric.score(q, p));
+            ctx.positive_score = scores.reduce(f32::min);
+            // Own positives are dropped as positives before the batch check, so the batch
+            // sets may hold the whole batch.
+            ctx.batch_keys = batch_keys.clone();
+            ctx.batch_hashes = batch_hashes.clone();
+        }
+
+        // Search, filter, and search deeper where needed.
+        let max_depth = self.cfg.mining.max_depth as usize;
+        let mut plans: Vec<DepthPlan> = contexts
+            .iter()
+            .map(|c| DepthPlan::initial(params.range_max, c.positive_keys.len() + c.batch_keys.len().min(256)))
+            .collect();
+        let mut selections: Vec<Option<mine::Selection>> = vec![None; plans.len()];
+        let mut pending: Vec<usize> = (0..plans.len()).collect();
+        let mut search_seconds = 0.0;
+        let mut filter_seconds = 0.0;
+        while !pending.is_empty() {
+            let indexed = coll.index.len().max(1);
+            let t_search = Instant::now();
+            let requests: Vec<(Vec<f32>, usize)> =
+                pending.iter().map(|&i| (query_vecs[i].clone(), plans[i].search_depth.min(indexed))).collect();
+            let results = coll.index.search(requests).await?;
+            search_seconds += t_search.elapsed().as_secs_f64();
+            let t_filter = Instant::now();
+            let mut next_pending = Vec::new();
+            {
+                let table = coll.docs.read();
+                for (&i, hits) in pending.iter().zip(results) {
+                    let returned = hits.len();
+                    let cands: Vec<Candidate> = hits
+                        .into_iter()
+                        .filter_map(|h| table.by_key.get(&h.key).map(|d| Candidate { key: h.key, score: h.score, hashes: d.hashes }))
+                        .collect();
+                    let sel = mine::select(&cands, &contexts[i], &params.filters, plans[i].window_end);
+                    match plans[i].next(&sel, returned, indexed, params.num_negatives, params.adaptive_depth, max_depth) {
+                        Some(next) => {
+                            plans[i] = next;
+                            next_pending.push(i);
+                        }
+                        None => selections[i] = Some(sel),
+                    }
+                }
+            }
+            filter_seconds += t_filter.elapsed().as_secs_f64();
+            pending = next_pending;
+        }
+
+        // Sample, then look up ids (and texts when asked).
+        let t_sample = Instant::now();
+        let seed = params.seed.unwrap_or_else(rand::random);
+        let picked: Vec<Vec<mine::Survivor>> = selections
+            .iter()
+            .enumerate()
+            .map(|(i, sel)| {
+                let sel = sel.as_ref().expect("every query ends with a selection");
+                let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
+                mine::sample(&sel.survivors, params.num_negatives, params.sampling, &mut rng)
+            })
+            .collect();
+        let texts: HashMap<u64, StoredDoc> = if params.return_text {
+            let keys: Vec<u64> = picked.iter().flatten().map(|s| s.key).collect();
+            let store = self.store.clone();
+            let name = req.collection.clone();
+            blocking(move || Ok(store.docs(&name, &keys)?)).await?
+        } else {
+            HashMap::new()
+        };
+        let table = coll.docs.read();
+        let results = req
+            .queries
+            .iter()
+            .zip(picked)
+            .zip(selections)
+            .zip(&plans)
+            .zip(&contexts)
+            .map(|((((q, picked), sel), plan), ctx)| {
+                let sel = sel.expect("every query ends with a selection");
+                let d = sel.dropped;
+                pb::QueryResult {
+                    query_id: q.id.clone(),
+                    negatives: picked
+                        .into_iter()
+                        .filter_map(|s| {
+                            let entry = table.by_key.get(&s.key)?;
+                            Some(pb::Negative {
+                                id: entry.id.to_string(),
+                                text: texts.get(&s.key).map(|d| d.encoded_text()).unwrap_or_default(),
+                                score: s.score,
+                                rank: s.rank,
+                            })
+                        })
+                        .collect(),
+                    dropped: Some(pb::DropCounts {
+                        positive: d.positive,
+                        duplicate_text: d.duplicate_text,
+                        batch_positive: d.batch_positive,
+                        window: d.window,
+                        score_bound: d.score_bound,
+                        margin: d.margin,
+                    }),
+                    depth: plan.window_end as u32,
+                    positive_score: ctx.positive_score,
+                }
+            })
+            .collect();
+        filter_seconds += t_sample.elapsed().as_secs_f64();
+        Ok(pb::MineResponse {
+            batch_id: req.batch_id,
+            generation,
+            results,
+            timings: Some(pb::StageTimings {
+                encode_seconds,
+                search_seconds,
+                filter_seconds,
+                total_seconds: started.elapsed().as_secs_f64(),
+            }),
+        })
+    }
+}
+
+fn save_index(index: &VectorIndex, dir: &Path, manifest: &IndexManifest) -> Result<()> {
+    let io = |e: std::io::Error| Error::Internal(format!("saving index to {}: {e}", dir.display()));
+    std::fs::create_dir_all(dir).map_err(io)?;
+    let _ = std::fs::remove_file(dir.join("manifest.json"));
+    let tmp = dir.join("index.usearch.tmp");
+    index.save_blocking(&tmp)?;
+    std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp, dir.join("index.usearch")).map_err(io)?;
+    let tmp_manifest = dir.join("manifest.json.tmp");
+    std::fs::write(&tmp_manifest, serde_json::to_vec(manifest).expect("manifest serializes")).map_err(io)?;
+    std::fs::File::open(&tmp_manifest).and_then(|f| f.sync_all()).map_err(io)?;
+    std::fs::rename(&tmp_manifest, dir.join("manifest.json")).map_err(io)?;
+    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+    Ok(())
+}

@@ -1,0 +1,76 @@
+//! hardneg-server: online hard-negative mining over gRPC.
+//!
+//! Pipeline stages, one module each: [`api`] (validation, gRPC), [`encode`] (bi-encoder on
+//! its own thread, batched by token budget), [`index`] (usearch), [`mine`] (exclusion,
+//! filters, adaptive depth, sampling), [`store`] (redb), tied together by [`engine`].
+pub mod api;
+pub mod config;
+pub mod encode;
+pub mod engine;
+pub mod error;
+pub mod index;
+pub mod mine;
+pub mod store;
+
+use std::sync::Arc;
+
+/// Generated wire types and service stubs (package `hardneg.v1`).
+pub mod proto {
+    tonic::include_proto!("hardneg.v1");
+    /// Encoded descriptors for server reflection.
+    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hardneg_descriptor.bin"));
+}
+
+use config::Config;
+use encode::{BatchConfig, Encoder};
+use engine::Engine;
+
+/// Loads the encoder and the collections, serves gRPC until `shutdown` resolves, then saves
+/// every index so the next start loads instead of rebuilding.
+pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
+    let cfg = Arc::new(cfg);
+    let listener = tokio::net::TcpListener::bind(&cfg.server.listen).await.map_err(|e| {
+        anyhow::anyhow!("server.listen: cannot bind {}: {e}", cfg.server.listen)
+    })?;
+    let addr = listener.local_addr()?;
+    let (reporter, health) = tonic_health::server::health_reporter();
+    reporter
+        .set_not_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>()
+        .await;
+
+    let batch = BatchConfig {
+        token_budget: cfg.encoder.token_budget,
+        max_batch_texts: cfg.encoder.max_batch_texts,
+        queue_capacity: cfg.encoder.queue_capacity,
+    };
+    let model_dir = cfg.encoder.model_dir.clone();
+    let max_tokens = cfg.encoder.max_tokens;
+    let encoder = tokio::task::spawn_blocking(move || Encoder::load(&model_dir, max_tokens, batch))
+        .await?
+        .map_err(|e| anyhow::anyhow!("encoder.model_dir: {e}"))?;
+    let info = encoder.info().clone();
+    tracing::info!(model = %info.name, dims = info.dims, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "encoder loaded");
+    let engine_cfg = cfg.clone();
+    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(engine_cfg, encoder)).await??);
+
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()?;
+    let miner = proto::negative_miner_server::NegativeMinerServer::new(api::MinerService::new(engine.clone()))
+        .max_decoding_message_size(cfg.limits.max_message_bytes)
+        .max_encoding_message_size(cfg.limits.max_message_bytes);
+    reporter.set_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>().await;
+    tracing::info!(%addr, "hardneg-server listening");
+
+    tonic::transport::Server::builder()
+        .add_service(health)
+        .add_service(reflection)
+        .add_service(miner)
+        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
+        .await?;
+    tracing::info!("stopped accepting; saving indexes");
+    engine.save_indexes().await?;
+    tracing::info!("shutdown complete");
+    Ok(())
+}

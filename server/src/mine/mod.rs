@@ -1,0 +1,319 @@
+//! The mining logic of one query, free of I/O so it can be tested with a deterministic scorer:
+//! exclude (positives, duplicate texts, batch positives), filter (rank window, score bounds,
+//! positive-aware margins), decide whether to search deeper, and sample.
+pub mod sample;
+
+use std::collections::HashSet;
+use std::hash::{Hash, Hasher};
+
+pub use sample::{Sampling, sample};
+
+/// Lowercased, whitespace-collapsed text: what "the same text" means for exclusion.
+pub fn normalize_text(text: &str) -> String {
+    let mut out = String::with_capacity(text.len());
+    for word in text.split_whitespace() {
+        if !out.is_empty() {
+            out.push(' ');
+        }
+        out.extend(word.chars().flat_map(char::to_lowercase));
+    }
+    out
+}
+
+/// Stable-within-a-process hash of the normalized text.
+pub fn text_hash(text: &str) -> u64 {
+    let mut h = std::hash::DefaultHasher::new();
+    normalize_text(text).hash(&mut h);
+    h.finish()
+}
+
+/// The text hashes of a document: its text, and title + text when it has a title.
+pub type TextHashes = [u64; 2];
+
+/// A search hit with what the filters need to know about the document.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Candidate {
+    pub key: u64,
+    pub score: f32,
+    pub hashes: TextHashes,
+}
+
+/// Everything known about one query's positives and its batch.
+#[derive(Debug, Clone, Default)]
+pub struct QueryContext {
+    pub positive_keys: HashSet<u64>,
+    /// Hashes of positive texts (given, and of positive documents) and of the query text.
+    pub positive_hashes: HashSet<u64>,
+    /// Other queries' positives in the same batch.
+    pub batch_keys: HashSet<u64>,
+    pub batch_hashes: HashSet<u64>,
+    /// Score of the lowest-scoring positive, when one could be scored.
+    pub positive_score: Option<f32>,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Filters {
+    pub range_min: usize,
+    pub min_score: Option<f32>,
+    pub max_score: Option<f32>,
+    pub absolute_margin: Option<f32>,
+    pub relative_margin: Option<f32>,
+    pub exclude_batch_positives: bool,
+}
+
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct DropCounts {
+    pub positive: u32,
+    pub duplicate_text: u32,
+    pub batch_positive: u32,
+    pub window: u32,
+    pub score_bound: u32,
+    pub margin: u32,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct Survivor {
+    pub key: u64,
+    pub score: f32,
+    /// 0-based rank among non-excluded candidates.
+    pub rank: u32,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Selection {
+    pub survivors: Vec<Survivor>,
+    pub dropped: DropCounts,
+    /// Non-excluded candidates ranked (at most the window's end).
+    pub ranked: usize,
+}
+
+impl Filters {
+    /// The score at or above which a candidate is too close to the positive, if any margin applies.
+    pub fn margin_threshold(&self, positive_score: Option<f32>) -> Option<f32> {
+        let pos = positive_score?;
+        let abs = self.absolute_margin.map(|m| pos - m);
+        let rel = self.relative_margin.map(|m| pos * (1.0 - m));
+        match (abs, rel) {
+            (Some(a), Some(r)) => Some(a.min(r)),
+            (a, r) => a.or(r),
+        }
+    }
+}
+
+/// Walks candidates best first, dropping and counting, until `window_end` non-excluded
+/// candidates have been ranked or the candidates run out.
+pub fn select(cands: &[Candidate], ctx: &QueryContext, f: &Filters, window_end: usize) -> Selection {
+    let mut sel = Selection::default();
+    let threshold = f.margin_threshold(ctx.positive_score);
+    let mut seen: HashSet<u64> = HashSet::new();
+    for c in cands {
+        if sel.ranked >= window_end {
+            break;
+        }
+        if ctx.positive_keys.contains(&c.key) {
+            sel.dropped.positive += 1;
+            continue;
+        }
+        if c.hashes.iter().any(|h| ctx.positive_hashes.contains(h) || seen.contains(h)) {
+            sel.dropped.duplicate_text += 1;
+            continue;
+        }
+        if f.exclude_batch_positives
+            && (ctx.batch_keys.contains(&c.key) || c.hashes.iter().any(|h| ctx.batch_hashes.contains(h)))
+        {
+            sel.dropped.batch_positive += 1;
+            continue;
+        }
+        seen.extend(c.hashes);
+        let rank = sel.ranked;
+        sel.ranked += 1;
+        if rank < f.range_min {
+            sel.dropped.window += 1;
+            continue;
+        }
+        if f.min_score.is_some_and(|m| c.score < m) || f.max_score.is_some_and(|m| c.score > m) {
+            sel.dropped.score_bound += 1;
+            continue;
+        }
+        if threshold.is_some_and(|t| c.score >= t) {
+            sel.dropped.margin += 1;
+            continue;
+        }
+        sel.survivors.push(Survivor { key: c.key, score: c.score, rank: rank as u32 });
+    }
+    sel
+}
+
+/// How deep to look: rank window end, and how many hits to ask the index for (the window
+/// plus room for excluded candidates).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DepthPlan {
+    pub window_end: usize,
+    pub search_depth: usize,
+}
+
+impl DepthPlan {
+    pub fn initial(range_max: usize, exclusions: usize) -> Self {
+        Self { window_end: range_max, search_depth: range_max + exclusions + 8 }
+    }
+
+    /// The next search after `sel` came from a search that returned `returned` hits out of
+    /// `indexed` documents; `None` when the answer is final.
+    pub fn next(
+        self,
+        sel: &Selection,
+        returned: usize,
+        indexed: usize,
+        wanted: usize,
+        adaptive: bool,
+        max_depth: usize,
+    ) -> Option<Self> {
+        let more_in_index = returned >= self.search_depth && self.search_depth < indexed;
+        if sel.ranked < self.window_end && more_in_index {
+            // Exclusions ate the slack: same window, more hits.
+            return Some(Self { window_end: self.window_end, search_depth: (self.search_depth * 2).min(indexed) });
+        }
+        let window_full = sel.ranked >= self.window_end;
+        if sel.survivors.len() < wanted && adaptive && window_full && self.window_end < max_depth {
+            let window_end = (self.window_end * 2).min(max_depth);
+            let slack = self.search_depth.saturating_sub(self.window_end);
+            return Some(Self { window_end, search_depth: window_end + slack });
+        }
+        None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// A deterministic scorer: candidate i scores 1 - i/100, text "doc i".
+    fn cands(n: usize) -> Vec<Candidate> {
+        (0..n)
+            .map(|i| Candidate { key: i as u64, score: 1.0 - i as f32 / 100.0, hashes: [text_hash(&format!("doc {i}")); 2] })
+            .collect()
+    }
+
+    fn filters() -> Filters {
+        Filters {
+            range_min: 0,
+            min_score: None,
+            max_score: None,
+            absolute_margin: None,
+            relative_margin: None,
+            exclude_batch_positives: true,
+        }
+    }
+
+    fn keys(sel: &Selection) -> Vec<u64> {
+        sel.survivors.iter().map(|s| s.key).collect()
+    }
+
+    #[test]
+    fn normalization_ignores_case_and_spacing() {
+        assert_eq!(normalize_text("  The  Wing\tFLOW \n"), "the wing flow");
+        assert_eq!(text_hash("A b"), text_hash("a   B"));
+        assert_ne!(text_hash("a b"), text_hash("ab"));
+    }
+
+    #[test]
+    fn positives_duplicates_and_batch_positives_are_excluded_and_do_not_take_ranks() {
+        let mut c = cands(10);
+        c[4].hashes = c[3].hashes; // doc 4 has doc 3's text
+        let ctx = QueryContext {
+            positive_keys: HashSet::from([0]),
+            positive_hashes: HashSet::from([text_hash("DOC 2")]),
+            batch_keys: HashSet::from([5]),
+            batch_hashes: HashSet::from([text_hash("doc 6")]),
+            positive_score: None,
+        };
+        let sel = select(&c, &ctx, &filters(), 4);
+        assert_eq!(keys(&sel), vec![1, 3, 7, 8]);
+        assert_eq!(sel.survivors.iter().map(|s| s.rank).collect::<Vec<_>>(), vec![0, 1, 2, 3]);
+        assert_eq!(
+            sel.dropped,
+            DropCounts { positive: 1, duplicate_text: 2, batch_positive: 2, ..Default::default() }
+        );
+        let sel = select(&c, &ctx, &Filters { exclude_batch_positives: false, ..filters() }, 4);
+        assert_eq!(keys(&sel), vec![1, 3, 5, 6], "batch positives allowed when the option is off");
+    }
+
+    #[test]
+    fn window_and_score_bounds() {
+        let c = cands(20);
+        let f = Filters { range_min: 2, min_score: Some(0.9), max_score: Some(0.965), ..filters() };
+        let sel = select(&c, &QueryContext::default(), &f, 15);
+        // ranks 0,1 window; scores 0.98 (rank 2) and 0.97 (rank 3) above max; 0.96..=0.90 kept.
+        assert_eq!(keys(&sel), vec![4, 5, 6, 7, 8, 9, 10]);
+        assert_eq!(sel.dropped.window, 2);
+        assert_eq!(sel.dropped.score_bound, 2 + 4, "0.98, 0.97 above; 0.89..0.86 below");
+        assert_eq!(sel.ranked, 15);
+    }
+
+    #[test]
+    fn margins_compare_against_the_positive() {
+        let c = cands(30);
+        let ctx = QueryContext { positive_score: Some(0.9), ..Default::default() };
+        // absolute: drop >= 0.9 - 0.05 = 0.85 -> keys 0..=15 dropped
+        let sel = select(&c, &ctx, &Filters { absolute_margin: Some(0.05), ..filters() }, 30);
+        assert_eq!(sel.survivors[0].key, 16);
+        assert_eq!(sel.dropped.margin, 16);
+        // relative: drop >= 0.9 * 0.95 = 0.855 -> keys 0..=14
+        let sel = select(&c, &ctx, &Filters { relative_margin: Some(0.05), ..filters() }, 30);
+        assert_eq!(sel.survivors[0].key, 15);
+        // both: the stricter (lower) threshold wins: min(0.855, 0.9 - 0.205) = 0.695
+        let f = Filters { relative_margin: Some(0.05), absolute_margin: Some(0.205), ..filters() };
+        let sel = select(&cands(40), &ctx, &f, 40);
+        assert_eq!(sel.survivors[0].key, 31);
+        // without a positive score, margins do nothing
+        let sel = select(&c, &QueryContext::default(), &Filters { absolute_margin: Some(0.05), ..filters() }, 30);
+        assert_eq!(sel.dropped.margin, 0);
+    }
+
+    #[test]
+    fn adaptive_depth_searches_deeper_until_enough_or_capped() {
+        let c = cands(100);
+        let ctx = QueryContext { positive_score: Some(1.0), ..Default::default() };
+        let f = Filters { absolute_margin: Some(0.245), ..filters() }; // keys >= 25 survive
+        let run = |adaptive: bool, max_depth: usize| {
+            let mut plan = DepthPlan::initial(10, 0);
+            loop {
+                let hits = &c[..plan.search_depth.min(c.len())];
+                let sel = select(hits, &ctx, &f, plan.window_end);
+                match plan.next(&sel, hits.len(), c.len(), 5, adaptive, max_depth) {
+                    Some(next) => plan = next,
+                    None => return (sel, plan),
+                }
+            }
+        };
+        let (sel, plan) = run(true, 1000);
+        assert_eq!(plan.window_end, 40, "10 -> 20 -> 40");
+        assert_eq!(keys(&sel)[..5], [25, 26, 27, 28, 29]);
+        let (sel, plan) = run(false, 1000);
+        assert!(sel.survivors.is_empty());
+        assert_eq!(plan.window_end, 10);
+        let (sel, plan) = run(true, 20);
+        assert!(sel.survivors.is_empty(), "capped at max_depth");
+        assert_eq!(plan.window_end, 20);
+    }
+
+    #[test]
+    fn deeper_search_when_exclusions_eat_the_slack() {
+        let c = cands(100);
+        let ctx = QueryContext { positive_keys: (0..30).collect(), ..Default::default() };
+        let mut plan = DepthPlan::initial(5, 0); // asks for 13 hits: all positives
+        let mut rounds = 0;
+        let sel = loop {
+            rounds += 1;
+            let hits = &c[..plan.search_depth.min(c.len())];
+            let sel = select(hits, &ctx, &filters(), plan.window_end);
+            match plan.next(&sel, hits.len(), c.len(), 5, false, 1000) {
+                Some(next) => plan = next,
+                None => break sel,
+            }
+        };
+        assert_eq!(keys(&sel), vec![30, 31, 32, 33, 34]);
+        assert_eq!(plan.window_end, 5);
+        assert!(rounds >= 3);
+    }
+}
