@@ -1,1 +1,131 @@
+//! Typed async client for the hardneg service, and BEIR readers shared with the `hardneg` CLI.
+pub mod beir;
 
+use futures::Stream;
+use tonic::transport::{Channel, Endpoint};
+
+/// Generated wire types and the raw client stub (package `hardneg.v1`).
+pub mod proto {
+    tonic::include_proto!("hardneg.v1");
+}
+
+pub use proto::negative_miner_client::NegativeMinerClient;
+pub use tonic::{Code, Status};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    #[error("connecting to {addr}: {source}")]
+    Connect { addr: String, source: tonic::transport::Error },
+    #[error("invalid address {0:?}")]
+    Address(String),
+    #[error("{}: {}", .0.code(), .0.message())]
+    Status(#[from] tonic::Status),
+}
+
+impl ClientError {
+    /// The gRPC status code, when the server answered.
+    pub fn code(&self) -> Option<Code> {
+        match self {
+            ClientError::Status(s) => Some(s.code()),
+            _ => None,
+        }
+    }
+}
+
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// A connection to one hardneg server. Cheap to clone; clones share the channel.
+#[derive(Clone)]
+pub struct Client {
+    miner: NegativeMinerClient<Channel>,
+    health: tonic_health::pb::health_client::HealthClient<Channel>,
+}
+
+impl Client {
+    /// Connects to `addr` (e.g. `http://127.0.0.1:50051`).
+    pub async fn connect(addr: &str) -> Result<Self> {
+        let endpoint = Endpoint::from_shared(addr.to_string()).map_err(|_| ClientError::Address(addr.to_string()))?;
+        let channel = endpoint
+            .connect()
+            .await
+            .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
+        let miner = NegativeMinerClient::new(channel.clone())
+            .max_decoding_message_size(256 << 20)
+            .max_encoding_message_size(256 << 20);
+        Ok(Self { miner, health: tonic_health::pb::health_client::HealthClient::new(channel) })
+    }
+
+    /// The raw generated stub, for calls this wrapper does not cover.
+    pub fn raw(&mut self) -> &mut NegativeMinerClient<Channel> {
+        &mut self.miner
+    }
+
+    /// True when the server reports the NegativeMiner service as SERVING.
+    pub async fn ready(&mut self) -> Result<bool> {
+        let req = tonic_health::pb::HealthCheckRequest { service: "hardneg.v1.NegativeMiner".into() };
+        let status = self.health.check(req).await?.into_inner().status;
+        Ok(status == tonic_health::pb::health_check_response::ServingStatus::Serving as i32)
+    }
+
+    pub async fn create_collection(
+        &mut self,
+        name: &str,
+        quantization: proto::Quantization,
+    ) -> Result<proto::CollectionInfo> {
+        let req = proto::CreateCollectionRequest {
+            name: name.into(),
+            metric: proto::Metric::Cosine as i32,
+            quantization: quantization as i32,
+        };
+        Ok(self.miner.create_collection(req).await?.into_inner())
+    }
+
+    pub async fn get_collection(&mut self, name: &str) -> Result<proto::CollectionInfo> {
+        Ok(self.miner.get_collection(proto::GetCollectionRequest { name: name.into() }).await?.into_inner())
+    }
+
+    pub async fn list_collections(&mut self) -> Result<Vec<proto::CollectionInfo>> {
+        Ok(self.miner.list_collections(proto::ListCollectionsRequest {}).await?.into_inner().collections)
+    }
+
+    pub async fn drop_collection(&mut self, name: &str) -> Result<bool> {
+        Ok(self.miner.drop_collection(proto::DropCollectionRequest { name: name.into() }).await?.into_inner().dropped)
+    }
+
+    /// Streams batches of documents into `collection`; returns once all are durable.
+    pub async fn upsert(
+        &mut self,
+        collection: &str,
+        batches: impl Stream<Item = Vec<proto::Document>> + Send + 'static,
+    ) -> Result<proto::UpsertResponse> {
+        use futures::StreamExt;
+        let collection = collection.to_string();
+        let requests = batches.map(move |documents| proto::UpsertRequest { collection: collection.clone(), documents });
+        Ok(self.miner.upsert(requests).await?.into_inner())
+    }
+
+    pub async fn delete(&mut self, collection: &str, ids: Vec<String>) -> Result<proto::DeleteResponse> {
+        Ok(self.miner.delete(proto::DeleteRequest { collection: collection.into(), ids }).await?.into_inner())
+    }
+
+    pub async fn get_documents(&mut self, collection: &str, ids: Vec<String>) -> Result<proto::GetDocumentsResponse> {
+        Ok(self
+            .miner
+            .get_documents(proto::GetDocumentsRequest { collection: collection.into(), ids })
+            .await?
+            .into_inner())
+    }
+
+    pub async fn mine(&mut self, request: proto::MineRequest) -> Result<proto::MineResponse> {
+        Ok(self.miner.mine(request).await?.into_inner())
+    }
+
+    /// Sends batches as they come and yields responses in request order. The server works on
+    /// several batches at once, so a trainer keeps mining ahead of its training step.
+    pub async fn mine_stream(
+        &mut self,
+        requests: impl Stream<Item = proto::MineRequest> + Send + 'static,
+    ) -> Result<tonic::Streaming<proto::MineResponse>> {
+        Ok(self.miner.mine_stream(requests).await?.into_inner())
+    }
+}

@@ -204,7 +204,12 @@ fn validate_docs(docs: &[pb::Document], cfg: &Config) -> Result<Vec<StoredDoc>> 
             if d.id.len() > 512 {
                 return Err(Error::invalid(format!("documents[{i}].id"), "is longer than 512 bytes"));
             }
-            check_text(&format!("documents[{i}].text"), &d.text, cfg.limits.max_text_chars)?;
+            if d.text.trim().is_empty() && d.title.as_deref().is_none_or(|t| t.trim().is_empty()) {
+                return Err(Error::invalid(format!("documents[{i}].text"), "is empty and the document has no title"));
+            }
+            if d.text.chars().count() > cfg.limits.max_text_chars {
+                return Err(Error::invalid(format!("documents[{i}].text"), format!("is longer than {} characters", cfg.limits.max_text_chars)));
+            }
             if let Some(t) = &d.title {
                 if t.chars().count() > cfg.limits.max_text_chars {
                     return Err(Error::invalid(format!("documents[{i}].title"), format!("is longer than {} characters", cfg.limits.max_text_chars)));
@@ -318,6 +323,24 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
         let coll = self.engine.get(&req.collection)?;
         let (deleted, not_found) = self.engine.delete(&coll, req.ids).await?;
         Ok(Response::new(pb::DeleteResponse { deleted, not_found }))
+    }
+
+    async fn get_documents(
+        &self,
+        request: Request<pb::GetDocumentsRequest>,
+    ) -> Result<Response<pb::GetDocumentsResponse>, Status> {
+        let req = request.into_inner();
+        validate_name("collection", &req.collection)?;
+        if req.ids.len() > self.engine.cfg.limits.max_docs_per_message {
+            return Err(Error::invalid("ids", format!("{} ids, the limit is {}", req.ids.len(), self.engine.cfg.limits.max_docs_per_message)).into());
+        }
+        let coll = self.engine.get(&req.collection)?;
+        let (docs, missing) = self.engine.documents(&coll, req.ids).await?;
+        let documents = docs
+            .into_iter()
+            .map(|d| pb::Document { id: d.id, text: d.text, title: d.title, metadata: d.metadata.into_iter().collect() })
+            .collect();
+        Ok(Response::new(pb::GetDocumentsResponse { documents, missing }))
     }
 
     async fn mine(&self, request: Request<pb::MineRequest>) -> Result<Response<pb::MineResponse>, Status> {

@@ -347,6 +347,27 @@ impl Engine {
         Ok((deleted, missing.len() as u64))
     }
 
+    /// Stored documents by id, in request order; ids not in the collection come back apart.
+    pub async fn documents(&self, coll: &Arc<Collection>, ids: Vec<String>) -> Result<(Vec<StoredDoc>, Vec<String>)> {
+        let keys: Vec<Option<u64>> = {
+            let table = coll.docs.read();
+            ids.iter().map(|id| table.by_id.get(id.as_str()).copied()).collect()
+        };
+        let wanted: Vec<u64> = keys.iter().flatten().copied().collect();
+        let store = self.store.clone();
+        let name = coll.meta.read().name.clone();
+        let mut docs = blocking(move || Ok(store.docs(&name, &wanted)?)).await?;
+        let mut found = Vec::new();
+        let mut missing = Vec::new();
+        for (id, key) in ids.into_iter().zip(keys) {
+            match key.and_then(|k| docs.remove(&k)) {
+                Some(doc) => found.push(doc),
+                None => missing.push(id),
+            }
+        }
+        Ok((found, missing))
+    }
+
     /// Mines one validated batch.
     pub async fn mine(&self, req: &pb::MineRequest, params: &MineParams) -> Result<pb::MineResponse> {
         let started = Instant::now();
