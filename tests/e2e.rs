@@ -1,1 +1,357 @@
+//! End to end: the real server binary with the real all-MiniLM-L6-v2, driven through the
+//! client crate and the `hardneg` CLI.
+use std::collections::{HashMap, HashSet};
+use std::process::Command;
+use std::time::Duration;
 
+use futures::StreamExt;
+use hardneg_client::beir::{self, BeirQuery, CorpusDoc};
+use hardneg_client::{Client, Code, proto};
+use hardneg_tests::{Server, bin, dataset};
+
+fn normalize(text: &str) -> String {
+    text.split_whitespace().map(str::to_lowercase).collect::<Vec<_>>().join(" ")
+}
+
+fn options(k: u32, seed: u64) -> proto::MineOptions {
+    proto::MineOptions { num_negatives: k, seed: Some(seed), return_text: true, ..Default::default() }
+}
+
+struct Judged {
+    id: String,
+    text: String,
+    positive: String,
+}
+
+fn cranfield_queries() -> Vec<Judged> {
+    let dir = dataset("cranfield");
+    let qs: Vec<BeirQuery> = beir::read_jsonl(&dir.join("queries.jsonl")).unwrap();
+    let qrels = beir::read_qrels(&dir.join("qrels/test.tsv")).unwrap();
+    qs.into_iter()
+        .filter_map(|q| {
+            let positive = qrels.get(&q.id)?.positive()?.to_string();
+            Some(Judged { id: q.id, text: q.text, positive })
+        })
+        .collect()
+}
+
+fn batches(queries: &[Judged], size: usize, opts: &proto::MineOptions) -> Vec<proto::MineRequest> {
+    queries
+        .chunks(size)
+        .enumerate()
+        .map(|(b, chunk)| proto::MineRequest {
+            collection: "cranfield".into(),
+            batch_id: b as u64,
+            queries: chunk
+                .iter()
+                .map(|q| proto::Query {
+                    id: q.id.clone(),
+                    text: q.text.clone(),
+                    positive_ids: vec![q.positive.clone()],
+                    ..Default::default()
+                })
+                .collect(),
+            options: Some(opts.clone()),
+        })
+        .collect()
+}
+
+fn ids(resp: &proto::MineResponse) -> Vec<Vec<String>> {
+    resp.results.iter().map(|r| r.negatives.iter().map(|n| n.id.clone()).collect()).collect()
+}
+
+async fn ingest_cranfield(client: &mut Client) -> HashMap<String, String> {
+    let docs: Vec<CorpusDoc> = beir::read_jsonl(&dataset("cranfield").join("corpus.jsonl")).unwrap();
+    let docs: Vec<CorpusDoc> = docs.into_iter().filter(|d| !(d.title.trim().is_empty() && d.text.trim().is_empty())).collect();
+    let texts = docs.iter().map(|d| (d.id.clone(), format!("{} {}", d.title, d.text))).collect();
+    let batches: Vec<Vec<proto::Document>> = docs
+        .chunks(200)
+        .map(|c| {
+            c.iter()
+                .map(|d| proto::Document { id: d.id.clone(), text: d.text.clone(), title: Some(d.title.clone()), metadata: Default::default() })
+                .collect()
+        })
+        .collect();
+    // One client-streaming call, several messages.
+    let resp = client.upsert("cranfield", futures::stream::iter(batches)).await.unwrap();
+    assert_eq!((resp.inserted, resp.updated, resp.doc_count), (1398, 0, 1398));
+    texts
+}
+
+/// Checks the contract of every answer: negatives are never a positive of the query or of the
+/// batch, never share a positive's text, never repeat, and there are as many as asked for.
+fn check_contract(req: &proto::MineRequest, resp: &proto::MineResponse, texts: &HashMap<String, String>, k: usize) {
+    assert_eq!(resp.batch_id, req.batch_id);
+    assert_eq!(resp.generation, 1);
+    assert_eq!(resp.results.len(), req.queries.len());
+    let batch_positives: HashSet<&str> = req.queries.iter().flat_map(|q| q.positive_ids.iter().map(String::as_str)).collect();
+    for (q, r) in req.queries.iter().zip(&resp.results) {
+        assert_eq!(r.query_id, q.id);
+        assert_eq!(r.negatives.len(), k, "query {} got {} negatives", q.id, r.negatives.len());
+        let positive_text = normalize(&texts[&q.positive_ids[0]]);
+        let mut seen = HashSet::new();
+        for n in &r.negatives {
+            assert!(!batch_positives.contains(n.id.as_str()), "query {}: negative {} is a (batch) positive", q.id, n.id);
+            assert!(seen.insert(n.id.clone()), "query {}: duplicate negative {}", q.id, n.id);
+            assert_ne!(normalize(&texts[&n.id]), positive_text, "query {}: negative {} has the positive's text", q.id, n.id);
+            assert_eq!(normalize(&n.text), normalize(&texts[&n.id]), "returned text is the document's");
+        }
+        assert!(r.negatives.windows(2).all(|w| w[0].rank < w[1].rank && w[0].score >= w[1].score));
+        assert!(r.positive_score.is_some());
+        assert!(r.dropped.unwrap().positive <= 1);
+    }
+    let t = resp.timings.unwrap();
+    assert!(t.total_seconds >= t.encode_seconds + t.search_seconds);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn cranfield_end_to_end_with_restart() {
+    let tmp = tempfile::tempdir().unwrap();
+    let data = tmp.path().join("data");
+    let server = Server::start(&data).await;
+    let mut client = server.client().await;
+
+    let info = client.create_collection("cranfield", proto::Quantization::F32).await.unwrap();
+    assert_eq!((info.dims, info.doc_count, info.generation), (384, 0, 1));
+    assert_eq!(info.encoder_name, "all-MiniLM-L6-v2");
+    let texts = ingest_cranfield(&mut client).await;
+    assert_eq!(client.get_collection("cranfield").await.unwrap().doc_count, 1398);
+
+    let queries = cranfield_queries();
+    assert_eq!(queries.len(), 225);
+    let opts = options(5, 7);
+    let requests = batches(&queries, 32, &opts);
+    let mut unary = Vec::new();
+    for req in &requests {
+        let resp = client.mine(req.clone()).await.unwrap();
+        check_contract(req, &resp, &texts, 5);
+        unary.push(resp);
+    }
+    let positives_dropped: u32 = unary.iter().flat_map(|r| &r.results).map(|r| r.dropped.unwrap().positive).sum();
+    assert!(positives_dropped > 150, "most positives rank among the candidates and are dropped: {positives_dropped}");
+
+    // Same seed, same answer, also for random sampling; another seed moves it.
+    let uniform = proto::MineOptions { sampling: proto::Sampling::Uniform as i32, range_max: Some(50), ..options(5, 11) };
+    let req = batches(&queries[..32], 32, &uniform).remove(0);
+    let a = client.mine(req.clone()).await.unwrap();
+    let b = client.mine(req.clone()).await.unwrap();
+    check_contract(&req, &a, &texts, 5);
+    assert_eq!(ids(&a), ids(&b));
+    let other = batches(&queries[..32], 32, &proto::MineOptions { seed: Some(12), ..uniform.clone() }).remove(0);
+    assert_ne!(ids(&a), ids(&client.mine(other).await.unwrap()));
+
+    // MineStream: in order, with the same answers as the unary calls.
+    let mut stream = client.mine_stream(futures::stream::iter(requests.clone())).await.unwrap();
+    let mut streamed = Vec::new();
+    while let Some(resp) = stream.next().await {
+        streamed.push(resp.unwrap());
+    }
+    assert_eq!(streamed.iter().map(|r| r.batch_id).collect::<Vec<_>>(), (0..requests.len() as u64).collect::<Vec<_>>());
+    for (s, u) in streamed.iter().zip(&unary) {
+        assert_eq!(ids(s), ids(u));
+    }
+
+    // The CLI gives the same negatives as the client crate (same batches, same seed).
+    let dir = dataset("cranfield");
+    let out = Command::new(bin("hardneg"))
+        .args(["--addr", &server.addr, "mine", "--collection", "cranfield", "--num-negatives", "5", "--seed", "7"])
+        .arg("--queries")
+        .arg(dir.join("queries.jsonl"))
+        .arg("--qrels")
+        .arg(dir.join("qrels/test.tsv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let lines: Vec<serde_json::Value> =
+        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert_eq!(lines.len(), 225);
+    let expected: Vec<Vec<String>> = unary.iter().flat_map(ids).collect();
+    for (line, want) in lines.iter().zip(&expected) {
+        let got: Vec<String> = line["negatives"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect();
+        assert_eq!(&got, want);
+        assert!(line["dropped"]["positive"].is_u64());
+    }
+
+    // The CLI's triplet format and eval report.
+    let out = Command::new(bin("hardneg"))
+        .args(["--addr", &server.addr, "mine", "--collection", "cranfield", "--num-negatives", "2", "--format", "triplet"])
+        .arg("--queries")
+        .arg(dir.join("queries.jsonl"))
+        .arg("--qrels")
+        .arg(dir.join("qrels/test.tsv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success());
+    let first: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().next().unwrap()).unwrap();
+    assert_eq!(first["anchor"], queries[0].text.as_str());
+    assert_eq!(normalize(first["positive"].as_str().unwrap()), normalize(&texts[&queries[0].positive]));
+    let out = Command::new(bin("hardneg"))
+        .args(["--addr", &server.addr, "eval", "--collection", "cranfield", "--range-max", "30"])
+        .arg("--queries")
+        .arg(dir.join("queries.jsonl"))
+        .arg("--qrels")
+        .arg(dir.join("qrels/test.tsv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["queries"], 225);
+    let leak = report["leak_rate"].as_f64().unwrap();
+    assert!((0.05..0.6).contains(&leak), "plain top-5-of-30 leaks unlabeled positives: {leak}");
+    assert_eq!(report["yield"], 1.0);
+
+    // Restart on the same data dir: everything is back and answers the same.
+    server.stop(Duration::from_secs(30));
+    let server = Server::start(&data).await;
+    let mut client = server.client().await;
+    let info = client.get_collection("cranfield").await.unwrap();
+    assert_eq!(info.doc_count, 1398);
+    for (req, before) in requests.iter().zip(&unary) {
+        let after = client.mine(req.clone()).await.unwrap();
+        assert_eq!(ids(&after), ids(before));
+    }
+    assert!(server.log_text().contains("index loaded from its saved file"));
+    server.stop(Duration::from_secs(30));
+}
+
+async fn small_collection(client: &mut Client, name: &str) {
+    client.create_collection(name, proto::Quantization::F32).await.unwrap();
+    let docs: Vec<proto::Document> = [
+        "the wing stalls at high angles of attack",
+        "boundary layer transition on a flat plate",
+        "heat transfer in hypersonic flow",
+        "shock waves in supersonic nozzles",
+        "buckling of thin cylindrical shells",
+        "flutter of aircraft wings",
+        "laminar flow over a cone",
+        "turbulent skin friction measurements",
+    ]
+    .iter()
+    .enumerate()
+    .map(|(i, t)| proto::Document { id: format!("d{i}"), text: t.to_string(), title: None, metadata: Default::default() })
+    .collect();
+    let resp = client.upsert(name, futures::stream::iter([docs])).await.unwrap();
+    assert_eq!(resp.inserted, 8);
+}
+
+fn mine_req(collection: &str, queries: Vec<proto::Query>, opts: proto::MineOptions) -> proto::MineRequest {
+    proto::MineRequest { collection: collection.into(), batch_id: 0, queries, options: Some(opts) }
+}
+
+fn text_query(text: &str) -> proto::Query {
+    proto::Query { text: text.into(), positive_ids: vec!["d0".into()], ..Default::default() }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bad_input_gets_a_clear_status_and_the_server_keeps_serving() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).await;
+    let mut client = server.client().await;
+    small_collection(&mut client, "small").await;
+    let good = || mine_req("small", vec![text_query("wing stall")], options(2, 1));
+
+    let mut cases: Vec<(&str, proto::MineRequest, Code, &str)> = Vec::new();
+    cases.push(("empty batch", mine_req("small", vec![], options(2, 1)), Code::InvalidArgument, "queries"));
+    cases.push(("empty query text", mine_req("small", vec![text_query("  ")], options(2, 1)), Code::InvalidArgument, "queries[0].text"));
+    cases.push(("unknown collection", mine_req("nope", vec![text_query("x")], options(2, 1)), Code::NotFound, "nope"));
+    let mut wrong_dims = text_query("");
+    wrong_dims.vector = vec![0.1; 17];
+    cases.push(("wrong dims", mine_req("small", vec![wrong_dims], options(2, 1)), Code::InvalidArgument, "queries[0].vector"));
+    let mut nan = text_query("");
+    nan.vector = vec![0.1; 384];
+    nan.vector[3] = f32::NAN;
+    cases.push(("NaN", mine_req("small", vec![nan], options(2, 1)), Code::InvalidArgument, "queries[0].vector[3]"));
+    cases.push(("num_negatives 0", mine_req("small", vec![text_query("x")], options(0, 1)), Code::InvalidArgument, "options.num_negatives"));
+    cases.push(("num_negatives above limit", mine_req("small", vec![text_query("x")], options(257, 1)), Code::InvalidArgument, "options.num_negatives"));
+    let window = proto::MineOptions { range_min: 10, range_max: Some(10), ..options(2, 1) };
+    cases.push(("range_min >= range_max", mine_req("small", vec![text_query("x")], window), Code::InvalidArgument, "options.range_min"));
+    cases.push(("text too long", mine_req("small", vec![text_query(&"a".repeat(20_001))], options(2, 1)), Code::InvalidArgument, "queries[0].text"));
+    let many = (0..1025).map(|_| text_query("x")).collect();
+    cases.push(("batch too large", mine_req("small", many, options(2, 1)), Code::InvalidArgument, "queries"));
+    let margin = proto::MineOptions { relative_margin: Some(1.5), ..options(2, 1) };
+    cases.push(("relative margin", mine_req("small", vec![text_query("x")], margin), Code::InvalidArgument, "options.relative_margin"));
+
+    for (what, req, code, field) in cases {
+        let err = client.mine(req).await.expect_err(what);
+        assert_eq!(err.code(), Some(code), "{what}: {err}");
+        assert!(err.to_string().contains(field), "{what}: message {err:?} should name {field}");
+        let ok = client.mine(good()).await.unwrap_or_else(|e| panic!("server stopped serving after {what}: {e}"));
+        assert_eq!(ok.results[0].negatives.len(), 2);
+    }
+
+    // Upsert and collection errors.
+    let empty_id = vec![proto::Document { id: String::new(), text: "x".into(), title: None, metadata: Default::default() }];
+    let err = client.upsert("small", futures::stream::iter([empty_id])).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    assert!(err.to_string().contains("documents[0].id"), "{err}");
+    let err = client.create_collection("small", proto::Quantization::F32).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::AlreadyExists));
+    let err = client.create_collection("bad/name", proto::Quantization::F32).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument));
+    assert!(err.to_string().contains("name"));
+    let err = client.get_collection("missing").await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::NotFound));
+
+    // A bad batch in a stream ends it with that batch's status, after the good ones.
+    let reqs = vec![good(), mine_req("small", vec![], options(2, 1))];
+    let reqs: Vec<_> = reqs.into_iter().enumerate().map(|(i, mut r)| { r.batch_id = i as u64; r }).collect();
+    let mut stream = client.mine_stream(futures::stream::iter(reqs)).await.unwrap();
+    assert_eq!(stream.next().await.unwrap().unwrap().batch_id, 0);
+    let status = stream.next().await.unwrap().unwrap_err();
+    assert_eq!(status.code(), Code::InvalidArgument);
+    assert!(status.message().contains("batch 1") && status.message().contains("queries"), "{}", status.message());
+
+    assert!(client.ready().await.unwrap());
+    let ok = client.mine(good()).await.unwrap();
+    assert_eq!(ok.results[0].negatives.len(), 2);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn updates_deletes_vectors_and_text_positives() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start(&tmp.path().join("data")).await;
+    let mut client = server.client().await;
+    small_collection(&mut client, "small").await;
+    let all = proto::MineOptions { range_max: Some(8), ..options(8, 1) };
+
+    // Deleted documents are never returned; unknown ids are counted.
+    let resp = client.delete("small", vec!["d5".into(), "zz".into()]).await.unwrap();
+    assert_eq!((resp.deleted, resp.not_found), (1, 1));
+    let got = client.mine(mine_req("small", vec![text_query("flutter of aircraft wings")], all.clone())).await.unwrap();
+    let got: Vec<&str> = got.results[0].negatives.iter().map(|n| n.id.as_str()).collect();
+    assert_eq!(got.len(), 6, "8 docs - 1 deleted - the positive: {got:?}");
+    assert!(!got.contains(&"d5") && !got.contains(&"d0"));
+    assert_eq!(client.get_collection("small").await.unwrap().doc_count, 7);
+
+    // An update replaces the text; positives by text exclude same-text documents.
+    let update = vec![proto::Document { id: "d1".into(), text: "Heat Transfer in  hypersonic flow".into(), title: None, metadata: Default::default() }];
+    let resp = client.upsert("small", futures::stream::iter([update])).await.unwrap();
+    assert_eq!((resp.inserted, resp.updated, resp.doc_count), (0, 1, 7));
+    let docs = client.get_documents("small", vec!["d1".into(), "d5".into()]).await.unwrap();
+    assert_eq!(docs.documents[0].text, "Heat Transfer in  hypersonic flow");
+    assert_eq!(docs.missing, vec!["d5".to_string()]);
+    let q = proto::Query { text: "hypersonic heating".into(), positive_texts: vec!["heat transfer in hypersonic flow".into()], ..Default::default() };
+    let resp = client.mine(mine_req("small", vec![q], all.clone())).await.unwrap();
+    let r = &resp.results[0];
+    let got: Vec<&str> = r.negatives.iter().map(|n| n.id.as_str()).collect();
+    assert!(!got.contains(&"d1") && !got.contains(&"d2"), "both texts equal the positive after normalization: {got:?}");
+    assert_eq!(r.dropped.unwrap().duplicate_text, 2);
+    assert!(r.positive_score.unwrap() > 0.5);
+
+    // A vector query needs no text; batch positives are excluded by default, not when off.
+    let vector = proto::Query { vector: vec![0.05; 384], positive_ids: vec!["d3".into()], ..Default::default() };
+    let other = proto::Query { text: "wing".into(), positive_ids: vec!["d4".into()], ..Default::default() };
+    let resp = client.mine(mine_req("small", vec![vector.clone(), other.clone()], all.clone())).await.unwrap();
+    for r in &resp.results {
+        assert!(r.negatives.iter().all(|n| n.id != "d3" && n.id != "d4"));
+    }
+    let off = proto::MineOptions { exclude_batch_positives: Some(false), ..all.clone() };
+    let resp = client.mine(mine_req("small", vec![vector, other], off)).await.unwrap();
+    assert!(resp.results[0].negatives.iter().any(|n| n.id == "d4"));
+    assert_eq!(resp.results[0].dropped.unwrap().batch_positive, 0);
+
+    // Drop removes it.
+    assert!(client.drop_collection("small").await.unwrap());
+    assert_eq!(client.get_collection("small").await.unwrap_err().code(), Some(Code::NotFound));
+    assert!(client.list_collections().await.unwrap().is_empty());
+}

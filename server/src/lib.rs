@@ -63,12 +63,31 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
     reporter.set_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>().await;
     tracing::info!(%addr, "hardneg-server listening");
 
-    tonic::transport::Server::builder()
-        .add_service(health)
-        .add_service(reflection)
-        .add_service(miner)
-        .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), shutdown)
-        .await?;
+    let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
+    let mut server = tokio::spawn(
+        tonic::transport::Server::builder()
+            .add_service(health)
+            .add_service(reflection)
+            .add_service(miner)
+            .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
+                let _ = stop_rx.await;
+            }),
+    );
+    tokio::select! {
+        result = &mut server => result??,
+        _ = shutdown => {
+            reporter.set_not_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>().await;
+            let _ = stop_tx.send(());
+            let grace = std::time::Duration::from_secs(cfg.server.shutdown_grace_seconds);
+            match tokio::time::timeout(grace, &mut server).await {
+                Ok(result) => result??,
+                Err(_) => {
+                    tracing::warn!(?grace, "requests still in flight after the grace period; saving anyway");
+                    server.abort();
+                }
+            }
+        }
+    }
     tracing::info!("stopped accepting; saving indexes");
     engine.save_indexes().await?;
     tracing::info!("shutdown complete");
