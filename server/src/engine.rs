@@ -295,6 +295,19 @@ impl Engine {
         for chunk in texts.chunks(256) {
             vectors.extend(self.encoder.encode(chunk.to_vec()).await?);
         }
+        self.upsert_encoded(coll, docs, vectors).await
+    }
+
+    /// Stores durably, then indexes documents whose vectors are already computed (one per
+    /// document, with the collection's dims). Returns (inserted, updated).
+    pub async fn upsert_encoded(&self, coll: &Arc<Collection>, docs: Vec<StoredDoc>, vectors: Vec<Vec<f32>>) -> Result<(u64, u64)> {
+        let dims = coll.meta.read().dims as usize;
+        if vectors.len() != docs.len() {
+            return Err(Error::Internal(format!("{} vectors for {} documents", vectors.len(), docs.len())));
+        }
+        if let Some(i) = vectors.iter().position(|v| v.len() != dims) {
+            return Err(Error::invalid(format!("vectors[{i}]"), format!("has {} dims, the collection has {dims}", vectors[i].len())));
+        }
         let name = coll.meta.read().name.clone();
         let _w = coll.write.lock().await;
         let rows: Vec<(StoredDoc, Vec<f32>)> = docs.into_iter().zip(vectors).collect();

@@ -150,6 +150,11 @@ impl VectorIndex {
         self.dims
     }
 
+    /// Searches exactly below `n` vectors, HNSW from there (benchmarks compare both).
+    pub fn set_exact_below(&mut self, n: usize) {
+        self.exact_below = n;
+    }
+
     pub fn len(&self) -> usize {
         self.index.read().size()
     }

@@ -1,0 +1,271 @@
+//! Benchmarks of the pipeline's stages, each reported beside a baseline measured in the same
+//! run: encoder tokens/s (batched by length vs a plain unsorted forward pass), search
+//! queries/s (HNSW vs exact) on 100k vectors, and Mine latency with the share of each stage on
+//! Cranfield and on 100k documents.
+//!
+//! `cargo bench -p hardneg-server --bench pipeline` (needs scripts/fetch-models and
+//! ../shared/datasets). HARDNEG_BENCH=encode,search,mine picks parts; HARDNEG_BENCH_DOCS sets
+//! the large collection's size (default 100000).
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Instant;
+
+use hardneg_server::config::{Config, Overrides};
+use hardneg_server::encode::bert::BertEmbedder;
+use hardneg_server::encode::{BatchConfig, EmbedModel, Encoder};
+use hardneg_server::engine::Engine;
+use hardneg_server::index::{Metric, Quantization, VectorIndex};
+use hardneg_server::proto as pb;
+use hardneg_server::store::StoredDoc;
+use rand::{Rng, SeedableRng};
+use rand_chacha::ChaCha8Rng;
+use serde::Deserialize;
+
+#[global_allocator]
+static GLOBAL: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("..")
+}
+
+fn model_dir() -> PathBuf {
+    std::env::var_os("HARDNEG_MODEL_DIR").map(PathBuf::from).unwrap_or_else(|| root().join("models/all-MiniLM-L6-v2"))
+}
+
+fn dataset(name: &str) -> PathBuf {
+    std::env::var_os("HARDNEG_DATASETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| root().join("../shared/datasets"))
+        .join(name)
+}
+
+#[derive(Deserialize)]
+struct Line {
+    #[serde(rename = "_id")]
+    id: String,
+    #[serde(default)]
+    title: String,
+    #[serde(default)]
+    text: String,
+}
+
+fn read_lines(path: PathBuf) -> Vec<Line> {
+    std::fs::read_to_string(&path)
+        .unwrap_or_else(|e| panic!("{}: {e}", path.display()))
+        .lines()
+        .filter(|l| !l.trim().is_empty())
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect()
+}
+
+fn cranfield_docs() -> Vec<StoredDoc> {
+    read_lines(dataset("cranfield").join("corpus.jsonl"))
+        .into_iter()
+        .filter(|d| !(d.title.trim().is_empty() && d.text.trim().is_empty()))
+        .map(|d| StoredDoc { id: d.id, title: Some(d.title).filter(|t| !t.is_empty()), text: d.text, metadata: Default::default() })
+        .collect()
+}
+
+fn percentile(sorted: &[f64], p: f64) -> f64 {
+    sorted[((sorted.len() - 1) as f64 * p).round() as usize]
+}
+
+fn part(name: &str) -> bool {
+    std::env::var("HARDNEG_BENCH").map(|v| v.split(',').any(|p| p == name)).unwrap_or(true)
+}
+
+fn bench_encoder(rt: &tokio::runtime::Runtime) {
+    let texts: Vec<String> = cranfield_docs().iter().map(StoredDoc::encoded_text).collect();
+    println!("\n## encoder: all-MiniLM-L6-v2, {} Cranfield documents, batch 32", texts.len());
+    println!("| max length | plain forward, file order (tokens/s) | hardneg encoder (tokens/s) | ratio |");
+    println!("| --- | --- | --- | --- |");
+    for max_len in [128usize, 256] {
+        let cfg = BatchConfig { token_budget: 32 * max_len, max_batch_texts: 32, queue_capacity: 64 };
+        let encoder = Encoder::load(&model_dir(), max_len, cfg).unwrap();
+        let tokenized = encoder.tokenize(&texts).unwrap();
+        let tokens: usize = tokenized.iter().map(|t| t.ids.len()).sum();
+
+        // Baseline: the model called directly on 32 texts at a time, in file order.
+        let mut plain = BertEmbedder::load(&model_dir(), max_len).unwrap().model;
+        let started = Instant::now();
+        for chunk in tokenized.chunks(32) {
+            let refs: Vec<_> = chunk.iter().collect();
+            plain.embed(&refs).unwrap();
+        }
+        let base = tokens as f64 / started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        rt.block_on(encoder.encode(texts.clone())).unwrap();
+        let ours = tokens as f64 / started.elapsed().as_secs_f64();
+        println!("| {max_len} | {base:.0} | {ours:.0} | {:.2}x |", ours / base);
+    }
+}
+
+/// Clustered unit vectors: recall means something on them, unlike uniform noise.
+fn clustered(n: usize, dims: usize, clusters: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<f32>> {
+    let centers: Vec<Vec<f32>> = (0..clusters).map(|_| (0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect()).collect();
+    (0..n)
+        .map(|_| {
+            let c = &centers[rng.random_range(0..clusters)];
+            let mut v: Vec<f32> = c.iter().map(|x| x + rng.random_range(-0.6f32..0.6)).collect();
+            let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+            v.iter_mut().for_each(|x| *x /= norm);
+            v
+        })
+        .collect()
+}
+
+fn bench_search(rt: &tokio::runtime::Runtime, cfg: &Config, n: usize) {
+    let mut rng = ChaCha8Rng::seed_from_u64(7);
+    let vectors = clustered(n + 1024, 384, 1000, &mut rng);
+    let (docs, queries) = vectors.split_at(n);
+    let mut index_cfg = cfg.index.clone();
+    index_cfg.exact_search_below = 0;
+    let mut index = VectorIndex::new(384, Metric::Cosine, Quantization::F32, &index_cfg).unwrap();
+    let started = Instant::now();
+    let items: Vec<(u64, Vec<f32>)> = docs.iter().cloned().enumerate().map(|(k, v)| (k as u64, v)).collect();
+    index.add_blocking(&items).unwrap();
+    let build = started.elapsed().as_secs_f64();
+    let k = 64;
+    let run = |index: &VectorIndex| {
+        let started = Instant::now();
+        let mut hits = Vec::new();
+        for chunk in queries.chunks(32) {
+            hits.extend(rt.block_on(index.search(chunk.iter().map(|q| (q.clone(), k)).collect())).unwrap());
+        }
+        (queries.len() as f64 / started.elapsed().as_secs_f64(), hits)
+    };
+    let (hnsw_qps, approx) = run(&index);
+    index.set_exact_below(usize::MAX);
+    let (exact_qps, exact) = run(&index);
+    let mut found = 0;
+    for (a, e) in approx.iter().zip(&exact) {
+        let truth: std::collections::HashSet<u64> = e.iter().map(|h| h.key).collect();
+        found += a.iter().filter(|h| truth.contains(&h.key)).count();
+    }
+    let recall = found as f64 / (exact.len() * k) as f64;
+    println!("\n## search: {n} clustered 384-d vectors, f32 cosine, top-{k}, 32 queries per call");
+    println!("| exact (queries/s) | HNSW (queries/s) | ratio | HNSW recall@{k} | build (vectors/s) |");
+    println!("| --- | --- | --- | --- | --- |");
+    println!("| {exact_qps:.0} | {hnsw_qps:.0} | {:.1}x | {recall:.3} | {:.0} |", hnsw_qps / exact_qps, n as f64 / build);
+}
+
+fn mine_latency(rt: &tokio::runtime::Runtime, engine: &Engine, collection: &str, queries: &[(String, Option<String>)], label: &str) {
+    let iterations = 30;
+    let mut latencies = Vec::new();
+    let mut stages = [0f64; 4];
+    for it in 0..iterations + 2 {
+        let req = pb::MineRequest {
+            collection: collection.into(),
+            batch_id: it as u64,
+            queries: (0..32)
+                .map(|j| {
+                    let (text, positive) = &queries[(it * 32 + j) % queries.len()];
+                    pb::Query { text: text.clone(), positive_ids: positive.iter().cloned().collect(), ..Default::default() }
+                })
+                .collect(),
+            options: Some(pb::MineOptions { num_negatives: 8, seed: Some(it as u64), ..Default::default() }),
+        };
+        let params = hardneg_server::api::validate_mine(&req, &engine.cfg).unwrap();
+        let started = Instant::now();
+        let resp = rt.block_on(engine.mine(&req, &params)).unwrap();
+        let elapsed = started.elapsed().as_secs_f64();
+        if it < 2 {
+            continue;
+        }
+        latencies.push(elapsed);
+        let t = resp.timings.unwrap();
+        for (acc, v) in stages.iter_mut().zip([t.encode_seconds, t.search_seconds, t.filter_seconds, t.total_seconds]) {
+            *acc += v;
+        }
+    }
+    latencies.sort_by(f64::total_cmp);
+    let total = stages[3];
+    println!(
+        "| {label} | {:.1} | {:.1} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.1}% |",
+        percentile(&latencies, 0.5) * 1e3,
+        percentile(&latencies, 0.99) * 1e3,
+        100.0 * stages[0] / total,
+        100.0 * stages[1] / total,
+        100.0 * stages[2] / total,
+        100.0 * (total - stages[0] - stages[1] - stages[2]) / total,
+        100.0 * (total - stages[0]) / total,
+    );
+}
+
+fn bench_mine(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
+    let data = tempfile::tempdir().unwrap();
+    let mut cfg = cfg;
+    cfg.server.data_dir = data.path().to_path_buf();
+    let cfg = Arc::new(cfg);
+    let batch = BatchConfig { token_budget: cfg.encoder.token_budget, max_batch_texts: cfg.encoder.max_batch_texts, queue_capacity: 1024 };
+    let encoder = Encoder::load(&cfg.encoder.model_dir, cfg.encoder.max_tokens, batch).unwrap();
+    let engine = Engine::open(cfg.clone(), encoder).unwrap();
+
+    let qrels = std::fs::read_to_string(dataset("cranfield").join("qrels/test.tsv")).unwrap();
+    let mut positive: std::collections::HashMap<String, (String, f64)> = std::collections::HashMap::new();
+    for line in qrels.lines().skip(1) {
+        let f: Vec<&str> = line.split('\t').collect();
+        let score: f64 = f[2].parse().unwrap();
+        let e = positive.entry(f[0].to_string()).or_insert((f[1].to_string(), score));
+        if score > e.1 {
+            *e = (f[1].to_string(), score);
+        }
+    }
+    let queries: Vec<(String, Option<String>)> = read_lines(dataset("cranfield").join("queries.jsonl"))
+        .into_iter()
+        .map(|q| {
+            let p = positive.get(&q.id).map(|p| p.0.clone());
+            (q.text, p)
+        })
+        .collect();
+
+    let cran = rt.block_on(engine.create("cranfield", Metric::Cosine, Quantization::F32)).unwrap();
+    let coll = engine.get(&cran.name).unwrap();
+    let started = Instant::now();
+    rt.block_on(engine.upsert(&coll, cranfield_docs())).unwrap();
+    let ingest = started.elapsed().as_secs_f64();
+
+    rt.block_on(engine.create("synthetic", Metric::Cosine, Quantization::F32)).unwrap();
+    let coll = engine.get("synthetic").unwrap();
+    let words: Vec<String> = (0..5000).map(|i| format!("w{i:x}")).collect();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let vectors = clustered(n, 384, 1000, &mut rng);
+    let started = Instant::now();
+    for (c, chunk) in vectors.chunks(5000).enumerate() {
+        let docs = (0..chunk.len())
+            .map(|i| StoredDoc {
+                id: format!("s{}", c * 5000 + i),
+                title: None,
+                text: (0..24).map(|_| words[rng.random_range(0..words.len())].as_str()).collect::<Vec<_>>().join(" "),
+                metadata: Default::default(),
+            })
+            .collect();
+        rt.block_on(engine.upsert_encoded(&coll, docs, chunk.to_vec())).unwrap();
+    }
+    let load = started.elapsed().as_secs_f64();
+    println!("\n## Mine: 32 text queries (Cranfield), 8 negatives, top sampling, default options");
+    println!("(Cranfield ingest through the encoder: {:.1} docs/s; {n} precomputed vectors stored and indexed: {:.0} docs/s)", 1398.0 / ingest, n as f64 / load);
+    println!("| collection | p50 ms | p99 ms | encode | search | filter+sample | other | all but encode |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
+    mine_latency(rt, &engine, "cranfield", &queries, "Cranfield, 1398 docs (exact search)");
+    let no_positives: Vec<(String, Option<String>)> = queries.iter().map(|(t, _)| (t.clone(), None)).collect();
+    mine_latency(rt, &engine, "synthetic", &no_positives, &format!("synthetic, {n} docs (HNSW)"));
+}
+
+fn main() {
+    let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
+    let mut cfg = Config::load(None, &Overrides { model_dir: Some(model_dir()), ..Default::default() }).unwrap();
+    cfg.encoder.max_tokens = 256;
+    let n: usize = std::env::var("HARDNEG_BENCH_DOCS").ok().and_then(|v| v.parse().ok()).unwrap_or(100_000);
+    println!("# hardneg pipeline benchmark ({} threads available)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
+    if part("encode") {
+        bench_encoder(&rt);
+    }
+    if part("search") {
+        bench_search(&rt, &cfg, n);
+    }
+    if part("mine") {
+        bench_mine(&rt, cfg, n);
+    }
+}
