@@ -24,6 +24,17 @@ fn usearch_err(e: impl std::fmt::Display) -> IndexError {
     IndexError::Usearch(e.to_string())
 }
 
+/// Workers a large add is split across.
+fn add_workers() -> usize {
+    std::thread::available_parallelism().map_or(1, |n| n.get()).min(4)
+}
+
+/// Thread slots usearch must reserve: every permit's operation may run `add_workers()` threads,
+/// plus one for the thread that grows or saves the index.
+fn slots(cfg: &IndexConfig) -> usize {
+    cfg.threads * add_workers() + 1
+}
+
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Metric {
     Cosine,
@@ -95,7 +106,7 @@ pub struct VectorIndex {
     slots: Arc<Semaphore>,
     dims: usize,
     exact_below: usize,
-    /// Thread slots reserved in usearch: every permit plus the grower/saver.
+    /// Thread slots reserved in usearch (see [`slots`]).
     threads: usize,
 }
 
@@ -119,13 +130,13 @@ impl VectorIndex {
         };
         let index = Index::new(&options).map_err(usearch_err)?;
         // One slot per permit plus one for the thread that grows or saves the index.
-        index.reserve_capacity_and_threads(1024, cfg.threads + 1).map_err(usearch_err)?;
+        index.reserve_capacity_and_threads(1024, slots(cfg)).map_err(usearch_err)?;
         Ok(Self {
             index: Arc::new(RwLock::new(index)),
             slots: Arc::new(Semaphore::new(cfg.threads)),
             dims,
             exact_below: cfg.exact_search_below,
-            threads: cfg.threads + 1,
+            threads: slots(cfg),
         })
     }
 
@@ -139,7 +150,7 @@ impl VectorIndex {
                 return Err(IndexError::Dims { got: index.dimensions(), want: dims });
             }
             let capacity = index.size().max(1024);
-            index.reserve_capacity_and_threads(capacity, cfg.threads + 1).map_err(usearch_err)?;
+            index.reserve_capacity_and_threads(capacity, slots(cfg)).map_err(usearch_err)?;
             index.change_expansion_search(cfg.expansion_search);
             index.change_expansion_add(cfg.expansion_add);
         }
@@ -246,8 +257,100 @@ fn add_sync(
         guard.reserve_capacity_and_threads(capacity, threads).map_err(usearch_err)?;
     }
     let guard = index.read();
-    for (key, v) in items {
-        guard.add(*key, v).map_err(usearch_err)?;
+    let workers = if items.len() >= 2048 { add_workers() } else { 1 };
+    let chunk = items.len().div_ceil(workers).max(1);
+    std::thread::scope(|s| {
+        let handles: Vec<_> = items
+            .chunks(chunk)
+            .map(|part| {
+                let guard = &guard;
+                s.spawn(move || -> Result<(), IndexError> {
+                    for (key, v) in part {
+                        guard.add(*key, v).map_err(usearch_err)?;
+                    }
+                    Ok(())
+                })
+            })
+            .collect();
+        handles.into_iter().try_for_each(|h| h.join().map_err(|_| IndexError::Task("index add panicked".into()))?)
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg(exact_below: usize) -> IndexConfig {
+        IndexConfig { exact_search_below: exact_below, connectivity: 16, expansion_add: 128, expansion_search: 128, threads: 2 }
     }
-    Ok(())
+
+    /// Clustered unit vectors: deterministic, and with real neighbourhoods.
+    fn vectors(n: usize, dims: usize) -> Vec<Vec<f32>> {
+        let mut state = 42u64;
+        let mut next = move || {
+            state = state.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+            ((state >> 33) as f32 / (1u64 << 31) as f32) - 0.5
+        };
+        let centers: Vec<Vec<f32>> = (0..50).map(|_| (0..dims).map(|_| next()).collect()).collect();
+        (0..n)
+            .map(|i| {
+                let mut v: Vec<f32> = centers[i % 50].iter().map(|c| c + 0.3 * next()).collect();
+                let norm = v.iter().map(|x| x * x).sum::<f32>().sqrt();
+                v.iter_mut().for_each(|x| *x /= norm);
+                v
+            })
+            .collect()
+    }
+
+    #[tokio::test]
+    async fn grows_past_its_capacity_and_finds_each_vector_itself() {
+        for (quant, exact_below) in [(Quantization::F32, 0), (Quantization::F16, 0), (Quantization::I8, 0), (Quantization::F32, usize::MAX)] {
+            let index = VectorIndex::new(32, Metric::Cosine, quant, &cfg(exact_below)).unwrap();
+            let vs = vectors(5000, 32);
+            // A bulk add (split across workers) then single adds.
+            index.add(vs[..4000].iter().cloned().enumerate().map(|(k, v)| (k as u64, v)).collect(), vec![]).await.unwrap();
+            for (k, v) in vs.iter().enumerate().skip(4000) {
+                index.add(vec![(k as u64, v.clone())], vec![]).await.unwrap();
+            }
+            assert_eq!(index.len(), 5000);
+            let probes: Vec<(Vec<f32>, usize)> = (0..5000).step_by(97).map(|k| (vs[k].clone(), 3)).collect();
+            let hits = index.search(probes).await.unwrap();
+            for (i, h) in hits.iter().enumerate() {
+                assert_eq!(h[0].key, (i * 97) as u64, "{quant:?}: a vector is its own nearest neighbour");
+                assert!((h[0].score - 1.0).abs() < 0.02, "{quant:?}: self-similarity {}", h[0].score);
+                assert!(h.windows(2).all(|w| w[0].score >= w[1].score));
+            }
+        }
+    }
+
+    #[tokio::test]
+    async fn removed_and_replaced_keys_are_not_returned() {
+        let index = VectorIndex::new(16, Metric::InnerProduct, Quantization::F32, &cfg(0)).unwrap();
+        let vs = vectors(100, 16);
+        index.add(vs.iter().cloned().enumerate().map(|(k, v)| (k as u64, v)).collect(), vec![]).await.unwrap();
+        index.remove(vec![7]).await.unwrap();
+        // Key 8's document moves to key 100 (an update).
+        index.add(vec![(100, vs[8].clone())], vec![8]).await.unwrap();
+        let hits = index.search(vec![(vs[7].clone(), 100), (vs[8].clone(), 1)]).await.unwrap();
+        assert!(hits[0].iter().all(|h| h.key != 7 && h.key != 8));
+        assert_eq!(hits[1][0].key, 100);
+        assert!((Metric::InnerProduct.score(&vs[8], &vs[8]) - hits[1][0].score).abs() < 1e-4, "score is the dot product");
+    }
+
+    #[tokio::test]
+    async fn saved_index_loads_with_the_same_answers() {
+        let dir = tempfile::tempdir().unwrap();
+        let index = VectorIndex::new(24, Metric::Cosine, Quantization::F16, &cfg(0)).unwrap();
+        let vs = vectors(3000, 24);
+        index.add(vs.iter().cloned().enumerate().map(|(k, v)| (k as u64, v)).collect(), vec![]).await.unwrap();
+        let probes: Vec<(Vec<f32>, usize)> = vs.iter().step_by(301).map(|v| (v.clone(), 10)).collect();
+        let before = index.search(probes.clone()).await.unwrap();
+        let path = dir.path().join("i.usearch");
+        index.save_blocking(&path).unwrap();
+        let loaded = VectorIndex::load(&path, 24, Metric::Cosine, Quantization::F16, &cfg(0)).unwrap();
+        assert_eq!(loaded.len(), 3000);
+        assert_eq!(loaded.search(probes).await.unwrap(), before);
+        loaded.add(vec![(5000, vs[0].clone())], vec![]).await.unwrap();
+        assert!(VectorIndex::load(&path, 48, Metric::Cosine, Quantization::F16, &cfg(0)).is_err(), "dims mismatch refused");
+    }
 }

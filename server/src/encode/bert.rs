@@ -4,11 +4,12 @@ use std::path::Path;
 
 use candle_core::{D, DType, Device, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{BertModel, Config as BertConfig};
+use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
+use super::body::BertBody;
 use super::{EmbedModel, EncodeError, EncoderInfo, TokenizedText};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -44,7 +45,7 @@ pub struct Loaded {
 }
 
 pub struct BertEmbedder {
-    model: BertModel,
+    model: BertBody,
     pooling: Pooling,
     dims: usize,
     device: Device,
@@ -101,7 +102,7 @@ impl BertEmbedder {
         let device = Device::Cpu;
         let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
             .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
-        let model = BertModel::load(vb, &config)
+        let model = BertBody::load(vb, &config)
             .map_err(|e| load_err(dir, format!("model.safetensors does not match config.json: {e}")))?;
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| load_err(dir, format!("tokenizer.json: {e}")))?;
@@ -148,7 +149,7 @@ impl BertEmbedder {
         let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
         let types = Tensor::from_vec(types, (n, len), &self.device)?;
         let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
-        let hidden = self.model.forward(&ids, &types, Some(&mask))?; // (n, len, dims)
+        let hidden = self.model.forward(&ids, &types, &mask)?; // (n, len, dims)
         let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, len, 1)
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
@@ -254,6 +255,31 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let err = BertEmbedder::load(dir.path(), 0).err().unwrap().to_string();
         assert!(err.contains("config.json"), "{err}");
+    }
+
+    /// Our encoder body against candle-transformers' BertModel on the real weights, with
+    /// padding in the batch: hidden states of real tokens agree to 1e-4.
+    #[test]
+    fn body_matches_candle_bert_model() {
+        use candle_transformers::models::bert::BertModel;
+        let dir = real_model_dir();
+        let config: BertConfig = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+        let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &Device::Cpu).unwrap();
+        let reference = BertModel::load(vb.clone(), &config).unwrap();
+        let ours = BertBody::load(vb, &config).unwrap();
+        let ids = Tensor::new(&[[101u32, 2023, 2003, 1037, 3231, 102, 0, 0], [101, 7592, 2088, 2005, 2256, 3899, 2015, 102]], &Device::Cpu).unwrap();
+        let types = ids.zeros_like().unwrap();
+        let mask = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1]], &Device::Cpu).unwrap();
+        let a = reference.forward(&ids, &types, Some(&mask)).unwrap();
+        let b = ours.forward(&ids, &types, &mask).unwrap();
+        let valid = [6usize, 8];
+        for (row, &n) in valid.iter().enumerate() {
+            let x = a.get(row).unwrap().narrow(0, 0, n).unwrap();
+            let y = b.get(row).unwrap().narrow(0, 0, n).unwrap();
+            let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "row {row}: max |difference| {diff}");
+        }
     }
 
     /// Reference values for all-MiniLM-L6-v2 (sentence-transformers, mean pooling, normalized).

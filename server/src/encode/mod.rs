@@ -3,6 +3,7 @@
 //! grouped into model batches by a padded-token budget (see [`batcher`]).
 pub mod batcher;
 pub mod bert;
+pub mod body;
 #[cfg(test)]
 pub(crate) mod testing;
 
