@@ -330,6 +330,8 @@ async fn updates_deletes_vectors_and_text_positives() {
     let docs = client.get_documents("small", vec!["d1".into(), "d5".into()]).await.unwrap();
     assert_eq!(docs.documents[0].text, "Heat Transfer in  hypersonic flow");
     assert_eq!(docs.missing, vec!["d5".to_string()]);
+    let docs = client.get_documents("small", vec!["d0".into(), "d0".into()]).await.unwrap();
+    assert_eq!((docs.documents.len(), docs.missing.len()), (2, 0), "a repeated id is found twice");
     let q = proto::Query { text: "hypersonic heating".into(), positive_texts: vec!["heat transfer in hypersonic flow".into()], ..Default::default() };
     let resp = client.mine(mine_req("small", vec![q], all.clone())).await.unwrap();
     let r = &resp.results[0];

@@ -4,6 +4,7 @@
 use std::collections::{HashMap, HashSet};
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Instant, SystemTime, UNIX_EPOCH};
 
 use parking_lot::RwLock;
@@ -42,8 +43,11 @@ impl DocTable {
     }
 }
 
+/// The document's text hashes: its text alone and title + text (both the latter when the text
+/// is blank, so title-only documents are not all duplicates of each other).
 pub fn doc_hashes(doc: &StoredDoc) -> TextHashes {
-    [mine::text_hash(&doc.text), mine::text_hash(&doc.encoded_text())]
+    let full = mine::text_hash(&doc.encoded_text());
+    if doc.text.trim().is_empty() { [full, full] } else { [mine::text_hash(&doc.text), full] }
 }
 
 pub struct Collection {
@@ -57,6 +61,20 @@ pub struct Collection {
     /// Why text cannot be encoded for this collection, when the server's encoder differs from
     /// the one its vectors came from.
     pub encoder_mismatch: Option<String>,
+    /// Set by DropCollection under the write lock: writers still holding this collection
+    /// must not touch a new one created under the same name.
+    dropped: AtomicBool,
+}
+
+impl Collection {
+    /// The name, while the collection has not been dropped (call under the write lock).
+    fn live_name(&self) -> Result<String> {
+        let name = self.meta.read().name.clone();
+        if self.dropped.load(Ordering::Acquire) {
+            return Err(Error::CollectionNotFound(name));
+        }
+        Ok(name)
+    }
 }
 
 /// The saved-index manifest: which store version and vector space the file reflects.
@@ -177,6 +195,7 @@ impl Engine {
             docs: RwLock::new(docs),
             write: tokio::sync::Mutex::new(()),
             encoder_mismatch,
+            dropped: AtomicBool::new(false),
         })
     }
 
@@ -264,6 +283,7 @@ impl Engine {
             docs: RwLock::new(DocTable::default()),
             write: tokio::sync::Mutex::new(()),
             encoder_mismatch: None,
+            dropped: AtomicBool::new(false),
         });
         let info = self.info(&coll);
         self.collections.write().insert(name.to_string(), coll);
@@ -275,6 +295,7 @@ impl Engine {
             return Err(Error::CollectionNotFound(name.to_string()));
         };
         let _w = coll.write.lock().await;
+        coll.dropped.store(true, Ordering::Release);
         let store = self.store.clone();
         let n = name.to_string();
         let dropped = blocking(move || Ok(store.drop_collection(&n)?)).await?;
@@ -308,56 +329,20 @@ impl Engine {
         if let Some(i) = vectors.iter().position(|v| v.len() != dims) {
             return Err(Error::invalid(format!("vectors[{i}]"), format!("has {} dims, the collection has {dims}", vectors[i].len())));
         }
-        let name = coll.meta.read().name.clone();
-        let _w = coll.write.lock().await;
         let rows: Vec<(StoredDoc, Vec<f32>)> = docs.into_iter().zip(vectors).collect();
-        let store = self.store.clone();
-        let (meta, written, rows) = blocking(move || {
-            let (meta, written) = store.upsert(&name, &rows)?;
-            Ok((meta, written, rows))
-        })
-        .await?;
-        let mut items = Vec::with_capacity(rows.len());
-        let mut replaced = Vec::new();
-        let mut updated = 0;
-        {
-            let mut table = coll.docs.write();
-            for ((doc, vector), w) in rows.into_iter().zip(&written) {
-                table.insert(w.key, &doc);
-                if let Some(old) = w.replaced {
-                    updated += 1;
-                    // An id repeated within this message replaces a key not yet in the index.
-                    if items.iter().all(|(k, _): &(u64, Vec<f32>)| *k != old) {
-                        replaced.push(old);
-                    } else {
-                        items.retain(|(k, _)| *k != old);
-                    }
-                }
-                items.push((w.key, vector));
-            }
-        }
-        *coll.meta.write() = meta;
-        coll.index.add(items, replaced).await?;
-        Ok((written.len() as u64 - updated, updated))
+        // Its own task: a caller that goes away mid-write cannot leave the store committed
+        // and the in-memory table and index behind.
+        let (store, coll) = (self.store.clone(), coll.clone());
+        tokio::spawn(commit_upsert(store, coll, rows))
+            .await
+            .map_err(|e| Error::Internal(format!("upsert task: {e}")))?
     }
 
     pub async fn delete(&self, coll: &Arc<Collection>, ids: Vec<String>) -> Result<(u64, u64)> {
-        let name = coll.meta.read().name.clone();
-        let _w = coll.write.lock().await;
-        let store = self.store.clone();
-        let (meta, removed, missing) = blocking(move || Ok(store.delete(&name, &ids)?)).await?;
-        {
-            let mut table = coll.docs.write();
-            for key in &removed {
-                if let Some(entry) = table.by_key.remove(key) {
-                    table.by_id.remove(&entry.id);
-                }
-            }
-        }
-        *coll.meta.write() = meta;
-        let deleted = removed.len() as u64;
-        coll.index.remove(removed).await?;
-        Ok((deleted, missing.len() as u64))
+        let (store, coll) = (self.store.clone(), coll.clone());
+        tokio::spawn(commit_delete(store, coll, ids))
+            .await
+            .map_err(|e| Error::Internal(format!("delete task: {e}")))?
     }
 
     /// Stored documents by id, in request order; ids not in the collection come back apart.
@@ -369,11 +354,11 @@ impl Engine {
         let wanted: Vec<u64> = keys.iter().flatten().copied().collect();
         let store = self.store.clone();
         let name = coll.meta.read().name.clone();
-        let mut docs = blocking(move || Ok(store.docs(&name, &wanted)?)).await?;
+        let docs = blocking(move || Ok(store.docs(&name, &wanted)?)).await?;
         let mut found = Vec::new();
         let mut missing = Vec::new();
         for (id, key) in ids.into_iter().zip(keys) {
-            match key.and_then(|k| docs.remove(&k)) {
+            match key.and_then(|k| docs.get(&k).cloned()) {
                 Some(doc) => found.push(doc),
                 None => missing.push(id),
             }
@@ -458,10 +443,14 @@ impl Engine {
                 batch_hashes.extend(q.positive_texts.iter().map(|t| mine::text_hash(t)));
                 let table = coll.docs.read();
                 for key in &ctx.positive_keys {
-                    batch_hashes.extend(table.by_key[key].hashes);
+                    // Gone if deleted since the positives were resolved.
+                    if let Some(entry) = table.by_key.get(key) {
+                        batch_hashes.extend(entry.hashes);
+                    }
                 }
             }
         }
+        let (batch_keys, batch_hashes) = (Arc::new(batch_keys), Arc::new(batch_hashes));
         for (i, ctx) in contexts.iter_mut().enumerate() {
             let q = &query_vecs[i];
             let scores = ctx
@@ -591,6 +580,58 @@ impl Engine {
     }
 }
 
+/// Takes the collection's write lock, commits to the store, then updates the document table,
+/// the manifest and the index. Returns (inserted, updated).
+async fn commit_upsert(store: Arc<Store>, coll: Arc<Collection>, rows: Vec<(StoredDoc, Vec<f32>)>) -> Result<(u64, u64)> {
+    let _w = coll.write.lock().await;
+    let name = coll.live_name()?;
+    let (meta, written, rows) = blocking(move || {
+        let (meta, written) = store.upsert(&name, &rows)?;
+        Ok((meta, written, rows))
+    })
+    .await?;
+    let mut items = Vec::with_capacity(rows.len());
+    let mut replaced = Vec::new();
+    let mut updated = 0;
+    {
+        let mut table = coll.docs.write();
+        for ((doc, vector), w) in rows.into_iter().zip(&written) {
+            table.insert(w.key, &doc);
+            if let Some(old) = w.replaced {
+                updated += 1;
+                // An id repeated within this message replaces a key not yet in the index.
+                if items.iter().all(|(k, _): &(u64, Vec<f32>)| *k != old) {
+                    replaced.push(old);
+                } else {
+                    items.retain(|(k, _)| *k != old);
+                }
+            }
+            items.push((w.key, vector));
+        }
+    }
+    *coll.meta.write() = meta;
+    coll.index.add(items, replaced).await?;
+    Ok((written.len() as u64 - updated, updated))
+}
+
+async fn commit_delete(store: Arc<Store>, coll: Arc<Collection>, ids: Vec<String>) -> Result<(u64, u64)> {
+    let _w = coll.write.lock().await;
+    let name = coll.live_name()?;
+    let (meta, removed, missing) = blocking(move || Ok(store.delete(&name, &ids)?)).await?;
+    {
+        let mut table = coll.docs.write();
+        for key in &removed {
+            if let Some(entry) = table.by_key.remove(key) {
+                table.by_id.remove(&entry.id);
+            }
+        }
+    }
+    *coll.meta.write() = meta;
+    let deleted = removed.len() as u64;
+    coll.index.remove(removed).await?;
+    Ok((deleted, missing.len() as u64))
+}
+
 fn save_index(index: &VectorIndex, dir: &Path, manifest: &IndexManifest) -> Result<()> {
     let io = |e: std::io::Error| Error::Internal(format!("saving index to {}: {e}", dir.display()));
     std::fs::create_dir_all(dir).map_err(io)?;
@@ -605,4 +646,23 @@ fn save_index(index: &VectorIndex, dir: &Path, manifest: &IndexManifest) -> Resu
     std::fs::rename(&tmp_manifest, dir.join("manifest.json")).map_err(io)?;
     std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn doc(title: Option<&str>, text: &str) -> StoredDoc {
+        StoredDoc { id: "x".into(), title: title.map(String::from), text: text.into(), metadata: Default::default() }
+    }
+
+    #[test]
+    fn title_only_documents_are_not_duplicates_of_each_other() {
+        let a = doc_hashes(&doc(Some("Wing flutter"), ""));
+        let b = doc_hashes(&doc(Some("Panel buckling"), " "));
+        assert!(a.iter().all(|h| !b.contains(h)));
+        let c = doc_hashes(&doc(Some("T"), "Body text"));
+        assert_eq!(c[0], mine::text_hash("body   TEXT"), "the text alone matches a positive given without title");
+        assert_eq!(c[1], mine::text_hash("t body text"));
+    }
 }

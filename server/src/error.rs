@@ -62,6 +62,7 @@ impl Error {
             Error::Unavailable(_) => Code::Unavailable,
             Error::Cancelled => Code::Cancelled,
             Error::Encoder(crate::encode::EncodeError::Stopped) => Code::Unavailable,
+            Error::Store(crate::store::StoreError::Missing(_)) => Code::NotFound,
             Error::Encoder(_) | Error::Store(_) | Error::Index(_) | Error::Internal(_) => {
                 Code::Internal
             }

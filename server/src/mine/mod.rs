@@ -5,6 +5,7 @@ pub mod sample;
 
 use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
+use std::sync::Arc;
 
 pub use sample::{Sampling, sample};
 
@@ -44,9 +45,9 @@ pub struct QueryContext {
     pub positive_keys: HashSet<u64>,
     /// Hashes of positive texts (given, and of positive documents) and of the query text.
     pub positive_hashes: HashSet<u64>,
-    /// Other queries' positives in the same batch.
-    pub batch_keys: HashSet<u64>,
-    pub batch_hashes: HashSet<u64>,
+    /// Other queries' positives in the same batch (shared by every query of the batch).
+    pub batch_keys: Arc<HashSet<u64>>,
+    pub batch_hashes: Arc<HashSet<u64>>,
     /// Score of the lowest-scoring positive, when one could be scored.
     pub positive_score: Option<f32>,
 }
@@ -169,9 +170,11 @@ impl DepthPlan {
         max_depth: usize,
     ) -> Option<Self> {
         let more_in_index = returned >= self.search_depth && self.search_depth < indexed;
-        if sel.ranked < self.window_end && more_in_index {
-            // Exclusions ate the slack: same window, more hits.
-            return Some(Self { window_end: self.window_end, search_depth: (self.search_depth * 2).min(indexed) });
+        // Exclusions ate the slack: same window, more hits, within a bound so a batch full of
+        // duplicates cannot pull the whole index into every query.
+        let depth_cap = max_depth.saturating_mul(4).max(self.window_end * 2);
+        if sel.ranked < self.window_end && more_in_index && self.search_depth < depth_cap {
+            return Some(Self { window_end: self.window_end, search_depth: (self.search_depth * 2).min(indexed).min(depth_cap) });
         }
         let window_full = sel.ranked >= self.window_end;
         if sel.survivors.len() < wanted && adaptive && window_full && self.window_end < max_depth {
@@ -223,8 +226,8 @@ mod tests {
         let ctx = QueryContext {
             positive_keys: HashSet::from([0]),
             positive_hashes: HashSet::from([text_hash("DOC 2")]),
-            batch_keys: HashSet::from([5]),
-            batch_hashes: HashSet::from([text_hash("doc 6")]),
+            batch_keys: Arc::new(HashSet::from([5])),
+            batch_hashes: Arc::new(HashSet::from([text_hash("doc 6")])),
             positive_score: None,
         };
         let sel = select(&c, &ctx, &filters(), 4);
