@@ -170,6 +170,10 @@ async fn cranfield_end_to_end_with_restart() {
         let got: Vec<String> = line["negatives"].as_array().unwrap().iter().map(|n| n["id"].as_str().unwrap().to_string()).collect();
         assert_eq!(&got, want);
         assert!(line["dropped"]["positive"].is_u64());
+        for n in line["negatives"].as_array().unwrap() {
+            let id = n["id"].as_str().unwrap();
+            assert_eq!(normalize(n["text"].as_str().unwrap()), normalize(&texts[id]));
+        }
     }
 
     // The CLI's triplet format and eval report.

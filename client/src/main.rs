@@ -55,9 +55,6 @@ enum Command {
         pairs: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
         format: Format,
-        /// Include each negative's text in jsonl output.
-        #[arg(long)]
-        return_text: bool,
         #[command(flatten)]
         opts: MineFlags,
     },
@@ -318,7 +315,6 @@ async fn ingest(client: &mut Client, collection: &str, corpus: &PathBuf, batch_s
     Ok(())
 }
 
-#[allow(clippy::too_many_arguments)]
 async fn mine(
     client: &mut Client,
     collection: &str,
@@ -326,7 +322,6 @@ async fn mine(
     qrels: Option<PathBuf>,
     pairs: Option<PathBuf>,
     format: Format,
-    return_text: bool,
     opts: &MineFlags,
 ) -> anyhow::Result<()> {
     let inputs = match (queries, qrels, pairs) {
@@ -335,7 +330,7 @@ async fn mine(
         _ => bail!("give --queries with --qrels, or --pairs"),
     };
     let triplets = format == Format::Triplet;
-    let results = mine_all(client, collection, &inputs, opts.options(return_text || triplets), opts.batch_size).await?;
+    let results = mine_all(client, collection, &inputs, opts.options(true), opts.batch_size).await?;
     let mut positive_texts: HashMap<String, String> = HashMap::new();
     if triplets {
         let ids: Vec<String> = inputs
@@ -375,13 +370,7 @@ async fn mine(
             let negatives: Vec<serde_json::Value> = r
                 .negatives
                 .iter()
-                .map(|n| {
-                    let mut v = json!({"id": n.id, "score": n.score, "rank": n.rank});
-                    if return_text {
-                        v["text"] = json!(n.text);
-                    }
-                    v
-                })
+                .map(|n| json!({"id": n.id, "text": n.text, "score": n.score, "rank": n.rank}))
                 .collect();
             writeln!(
                 out,
@@ -503,8 +492,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             println!("{}", info_json(&info));
         }
         Command::Ingest { collection, corpus, batch_size } => ingest(&mut client, &collection, &corpus, batch_size).await?,
-        Command::Mine { collection, queries, qrels, pairs, format, return_text, opts } => {
-            mine(&mut client, &collection, queries, qrels, pairs, format, return_text, &opts).await?
+        Command::Mine { collection, queries, qrels, pairs, format, opts } => {
+            mine(&mut client, &collection, queries, qrels, pairs, format, &opts).await?
         }
         Command::Eval { collection, queries, qrels, opts } => eval(&mut client, &collection, &queries, &qrels, &opts).await?,
         Command::Status => {
