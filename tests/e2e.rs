@@ -60,6 +60,22 @@ fn ids(resp: &proto::MineResponse) -> Vec<Vec<String>> {
     resp.results.iter().map(|r| r.negatives.iter().map(|n| n.id.clone()).collect()).collect()
 }
 
+/// Runs `hardneg --addr .. <args> --queries .. --qrels ..` over Cranfield; returns stdout.
+fn cli_beir(server: &Server, args: &[&str]) -> String {
+    let dir = dataset("cranfield");
+    let out = Command::new(bin("hardneg"))
+        .args(["--addr", &server.addr])
+        .args(args)
+        .arg("--queries")
+        .arg(dir.join("queries.jsonl"))
+        .arg("--qrels")
+        .arg(dir.join("qrels/test.tsv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "hardneg {args:?}: {}", String::from_utf8_lossy(&out.stderr));
+    String::from_utf8(out.stdout).unwrap()
+}
+
 async fn ingest_cranfield(client: &mut Client) -> HashMap<String, String> {
     let docs: Vec<CorpusDoc> = beir::read_jsonl(&dataset("cranfield").join("corpus.jsonl")).unwrap();
     let docs: Vec<CorpusDoc> = docs.into_iter().filter(|d| !(d.title.trim().is_empty() && d.text.trim().is_empty())).collect();
@@ -152,18 +168,8 @@ async fn cranfield_end_to_end_with_restart() {
     }
 
     // The CLI gives the same negatives as the client crate (same batches, same seed).
-    let dir = dataset("cranfield");
-    let out = Command::new(bin("hardneg"))
-        .args(["--addr", &server.addr, "mine", "--collection", "cranfield", "--num-negatives", "5", "--seed", "7"])
-        .arg("--queries")
-        .arg(dir.join("queries.jsonl"))
-        .arg("--qrels")
-        .arg(dir.join("qrels/test.tsv"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let lines: Vec<serde_json::Value> =
-        String::from_utf8(out.stdout).unwrap().lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    let stdout = cli_beir(&server, &["mine", "--collection", "cranfield", "--num-negatives", "5", "--seed", "7"]);
+    let lines: Vec<serde_json::Value> = stdout.lines().map(|l| serde_json::from_str(l).unwrap()).collect();
     assert_eq!(lines.len(), 225);
     let expected: Vec<Vec<String>> = unary.iter().flat_map(ids).collect();
     for (line, want) in lines.iter().zip(&expected) {
@@ -177,28 +183,12 @@ async fn cranfield_end_to_end_with_restart() {
     }
 
     // The CLI's triplet format and eval report.
-    let out = Command::new(bin("hardneg"))
-        .args(["--addr", &server.addr, "mine", "--collection", "cranfield", "--num-negatives", "2", "--format", "triplet"])
-        .arg("--queries")
-        .arg(dir.join("queries.jsonl"))
-        .arg("--qrels")
-        .arg(dir.join("qrels/test.tsv"))
-        .output()
-        .unwrap();
-    assert!(out.status.success());
-    let first: serde_json::Value = serde_json::from_str(String::from_utf8(out.stdout).unwrap().lines().next().unwrap()).unwrap();
+    let stdout = cli_beir(&server, &["mine", "--collection", "cranfield", "--num-negatives", "2", "--format", "triplet"]);
+    let first: serde_json::Value = serde_json::from_str(stdout.lines().next().unwrap()).unwrap();
     assert_eq!(first["anchor"], queries[0].text.as_str());
     assert_eq!(normalize(first["positive"].as_str().unwrap()), normalize(&texts[&queries[0].positive]));
-    let out = Command::new(bin("hardneg"))
-        .args(["--addr", &server.addr, "eval", "--collection", "cranfield", "--range-max", "30"])
-        .arg("--queries")
-        .arg(dir.join("queries.jsonl"))
-        .arg("--qrels")
-        .arg(dir.join("qrels/test.tsv"))
-        .output()
-        .unwrap();
-    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
-    let report: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    let report: serde_json::Value =
+        serde_json::from_str(&cli_beir(&server, &["eval", "--collection", "cranfield", "--range-max", "30"])).unwrap();
     assert_eq!(report["queries"], 225);
     let leak = report["leak_rate"].as_f64().unwrap();
     assert!((0.05..0.6).contains(&leak), "plain top-5-of-30 leaks unlabeled positives: {leak}");

@@ -88,6 +88,20 @@ struct IndexManifest {
     generation: u64,
 }
 
+impl IndexManifest {
+    /// The manifest an index saved now would carry.
+    fn of(meta: &CollectionMeta) -> Self {
+        Self {
+            version: meta.version,
+            dims: meta.dims,
+            metric: meta.metric.clone(),
+            quantization: meta.quantization.clone(),
+            encoder_fingerprint: meta.encoder_fingerprint.clone(),
+            generation: meta.generation,
+        }
+    }
+}
+
 pub struct Engine {
     pub cfg: Arc<Config>,
     store: Arc<Store>,
@@ -157,14 +171,7 @@ impl Engine {
             docs.insert(*key, doc);
         }
         let dir = self.index_dir.join(&meta.name);
-        let expected = IndexManifest {
-            version: meta.version,
-            dims: meta.dims,
-            metric: meta.metric.clone(),
-            quantization: meta.quantization.clone(),
-            encoder_fingerprint: meta.encoder_fingerprint.clone(),
-            generation: meta.generation,
-        };
+        let expected = IndexManifest::of(&meta);
         let saved: Option<IndexManifest> = std::fs::read(dir.join("manifest.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
@@ -206,14 +213,7 @@ impl Engine {
             let _w = coll.write.lock().await;
             let meta = coll.meta.read().clone();
             let dir = self.index_dir.join(&meta.name);
-            let manifest = IndexManifest {
-                version: meta.version,
-                dims: meta.dims,
-                metric: meta.metric.clone(),
-                quantization: meta.quantization.clone(),
-                encoder_fingerprint: meta.encoder_fingerprint.clone(),
-                generation: meta.generation,
-            };
+            let manifest = IndexManifest::of(&meta);
             let coll2 = coll.clone();
             blocking(move || save_index(&coll2.index, &dir, &manifest)).await?;
         }
