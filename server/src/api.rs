@@ -225,6 +225,15 @@ fn validate_docs(docs: &[pb::Document], cfg: &Config) -> Result<Vec<StoredDoc>> 
         .collect()
 }
 
+/// Ids per Delete or GetDocuments request: at most limits.max_docs_per_message.
+fn check_id_count(ids: &[String], cfg: &Config) -> Result<()> {
+    let limit = cfg.limits.max_docs_per_message;
+    if ids.len() > limit {
+        return Err(Error::invalid("ids", format!("{} ids, the limit is {limit}", ids.len())));
+    }
+    Ok(())
+}
+
 type MineStreamOut = Pin<Box<dyn Stream<Item = Result<pb::MineResponse, Status>> + Send>>;
 
 #[tonic::async_trait]
@@ -314,9 +323,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let req = request.into_inner();
         validate_name("collection", &req.collection)?;
-        if req.ids.len() > self.engine.cfg.limits.max_docs_per_message {
-            return Err(Error::invalid("ids", format!("{} ids, the limit is {}", req.ids.len(), self.engine.cfg.limits.max_docs_per_message)).into());
-        }
+        check_id_count(&req.ids, &self.engine.cfg)?;
         if let Some(i) = req.ids.iter().position(String::is_empty) {
             return Err(Error::invalid(format!("ids[{i}]"), "is empty").into());
         }
@@ -331,9 +338,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
     ) -> Result<Response<pb::GetDocumentsResponse>, Status> {
         let req = request.into_inner();
         validate_name("collection", &req.collection)?;
-        if req.ids.len() > self.engine.cfg.limits.max_docs_per_message {
-            return Err(Error::invalid("ids", format!("{} ids, the limit is {}", req.ids.len(), self.engine.cfg.limits.max_docs_per_message)).into());
-        }
+        check_id_count(&req.ids, &self.engine.cfg)?;
         let coll = self.engine.get(&req.collection)?;
         let (docs, missing) = self.engine.documents(&coll, req.ids).await?;
         let documents = docs

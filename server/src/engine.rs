@@ -407,20 +407,33 @@ impl Engine {
 
         // Resolve positives against the collection.
         let mut contexts: Vec<QueryContext> = Vec::with_capacity(req.queries.len());
+        // The batch's positives (ids and text hashes) are gathered in the same pass, under the
+        // same lock, so they agree with each query's own.
         let mut all_positive_keys = Vec::new();
+        let mut batch_keys = HashSet::new();
+        let mut batch_hashes = HashSet::new();
         {
             let table = coll.docs.read();
             for q in &req.queries {
                 let mut ctx = QueryContext::default();
                 for id in &q.positive_ids {
                     if let Some(&key) = table.by_id.get(id.as_str()) {
+                        let hashes = table.by_key[&key].hashes;
                         ctx.positive_keys.insert(key);
-                        ctx.positive_hashes.extend(table.by_key[&key].hashes);
+                        ctx.positive_hashes.extend(hashes);
                         all_positive_keys.push(key);
+                        if params.filters.exclude_batch_positives {
+                            batch_keys.insert(key);
+                            batch_hashes.extend(hashes);
+                        }
                     }
                 }
                 for t in &q.positive_texts {
-                    ctx.positive_hashes.insert(mine::text_hash(t));
+                    let hash = mine::text_hash(t);
+                    ctx.positive_hashes.insert(hash);
+                    if params.filters.exclude_batch_positives {
+                        batch_hashes.insert(hash);
+                    }
                 }
                 if q.vector.is_empty() || !q.text.trim().is_empty() {
                     ctx.positive_hashes.insert(mine::text_hash(&q.text));
@@ -435,21 +448,6 @@ impl Engine {
             let name = req.collection.clone();
             blocking(move || Ok(store.vectors(&name, &all_positive_keys)?)).await?
         };
-        let mut batch_keys = HashSet::new();
-        let mut batch_hashes = HashSet::new();
-        if params.filters.exclude_batch_positives {
-            for (ctx, q) in contexts.iter().zip(&req.queries) {
-                batch_keys.extend(ctx.positive_keys.iter().copied());
-                batch_hashes.extend(q.positive_texts.iter().map(|t| mine::text_hash(t)));
-                let table = coll.docs.read();
-                for key in &ctx.positive_keys {
-                    // Gone if deleted since the positives were resolved.
-                    if let Some(entry) = table.by_key.get(key) {
-                        batch_hashes.extend(entry.hashes);
-                    }
-                }
-            }
-        }
         let (batch_keys, batch_hashes) = (Arc::new(batch_keys), Arc::new(batch_hashes));
         for (i, ctx) in contexts.iter_mut().enumerate() {
             let q = &query_vecs[i];
