@@ -313,13 +313,18 @@ mod tests {
                 index.add(vec![(k as u64, v.clone())], vec![]).await.unwrap();
             }
             assert_eq!(index.len(), 5000);
-            let probes: Vec<(Vec<f32>, usize)> = (0..5000).step_by(97).map(|k| (vs[k].clone(), 3)).collect();
+            let probes: Vec<(Vec<f32>, usize)> = vs.iter().map(|v| (v.clone(), 3)).collect();
             let hits = index.search(probes).await.unwrap();
-            for (i, h) in hits.iter().enumerate() {
-                assert_eq!(h[0].key, (i * 97) as u64, "{quant:?}: a vector is its own nearest neighbour");
+            // Exact search always finds the vector itself. HNSW built by parallel workers is
+            // approximate: on these tight clusters it misses 0 to 8 of 5000 (measured).
+            let found: Vec<bool> = hits.iter().enumerate().map(|(k, h)| h[0].key == k as u64).collect();
+            let misses = found.iter().filter(|f| !**f).count();
+            let allowed = if exact_below == usize::MAX { 0 } else { 25 };
+            assert!(misses <= allowed, "{quant:?}: {misses} of 5000 vectors are not their own nearest neighbour");
+            for (h, _) in hits.iter().zip(&found).filter(|(_, f)| **f) {
                 assert!((h[0].score - 1.0).abs() < 0.02, "{quant:?}: self-similarity {}", h[0].score);
-                assert!(h.windows(2).all(|w| w[0].score >= w[1].score));
             }
+            assert!(hits.iter().all(|h| h.windows(2).all(|w| w[0].score >= w[1].score)), "{quant:?}: best first");
         }
     }
 
