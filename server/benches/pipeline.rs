@@ -200,7 +200,7 @@ fn bench_mine(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
     let cfg = Arc::new(cfg);
     let batch = BatchConfig { token_budget: cfg.encoder.token_budget, max_batch_texts: cfg.encoder.max_batch_texts, queue_capacity: 1024 };
     let encoder = Encoder::load(&cfg.encoder.model_dir, cfg.encoder.max_tokens, batch).unwrap();
-    let engine = Engine::open(cfg.clone(), encoder).unwrap();
+    let engine = Engine::open(cfg.clone(), encoder, None).unwrap();
 
     let qrels = std::fs::read_to_string(dataset("cranfield").join("qrels/test.tsv")).unwrap();
     let mut positive: std::collections::HashMap<String, (String, f64)> = std::collections::HashMap::new();

@@ -10,7 +10,7 @@ use crate::config::Config;
 use crate::engine::{Engine, MineParams};
 use crate::error::{Error, Result};
 use crate::index::{Metric, Quantization};
-use crate::mine::{Filters, Sampling};
+use crate::mine::{Filters, RerankFilters, Sampling};
 use crate::proto as pb;
 use crate::store::StoredDoc;
 
@@ -105,7 +105,12 @@ pub fn validate_mine(req: &pb::MineRequest, cfg: &Config) -> Result<MineParams> 
             check_text(&format!("queries[{i}].positive_texts[{j}]"), t, limits.max_text_chars)?;
         }
     }
-    let o = req.options.clone().unwrap_or_default();
+    let mut o = req.options.clone().unwrap_or_default();
+    match pb::Preset::try_from(o.preset) {
+        Ok(pb::Preset::Unspecified) => {}
+        Ok(pb::Preset::Denoised) => apply_denoised(&mut o),
+        Err(_) => return Err(Error::invalid("options.preset", format!("unknown value {}", o.preset))),
+    }
     if o.num_negatives == 0 {
         return Err(Error::invalid("options.num_negatives", "must be at least 1"));
     }
@@ -128,6 +133,9 @@ pub fn validate_mine(req: &pb::MineRequest, cfg: &Config) -> Result<MineParams> 
         ("options.absolute_margin", o.absolute_margin),
         ("options.relative_margin", o.relative_margin),
         ("options.temperature", o.temperature),
+        ("options.ce_max_score", o.ce_max_score),
+        ("options.ce_relative_margin", o.ce_relative_margin),
+        ("options.max_positive_similarity", o.max_positive_similarity),
     ] {
         check_finite(field, v)?;
     }
@@ -142,6 +150,50 @@ pub fn validate_mine(req: &pb::MineRequest, cfg: &Config) -> Result<MineParams> 
     if o.relative_margin.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
         return Err(Error::invalid("options.relative_margin", "must lie in [0, 1]"));
     }
+    if o.max_positive_similarity.is_some_and(|m| !(-1.0..=1.0).contains(&m)) {
+        return Err(Error::invalid("options.max_positive_similarity", "must lie in [-1, 1] (a cosine similarity)"));
+    }
+    let rerank = if o.rerank.unwrap_or(false) {
+        let limit = limits.max_rerank_candidates;
+        let candidates = o.rerank_candidates.unwrap_or_else(|| o.num_negatives.saturating_mul(3)).min(limit.max(o.num_negatives));
+        if o.rerank_candidates.is_some_and(|c| c == 0) {
+            return Err(Error::invalid("options.rerank_candidates", "must be at least 1"));
+        }
+        if o.rerank_candidates.is_some_and(|c| c > limit) {
+            return Err(Error::invalid(
+                "options.rerank_candidates",
+                format!("is {}, the limit is {limit} (limits.max_rerank_candidates)", o.rerank_candidates.unwrap_or(0)),
+            ));
+        }
+        if o.ce_max_score.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+            return Err(Error::invalid("options.ce_max_score", "must lie in [0, 1] (a probability)"));
+        }
+        if o.ce_relative_margin.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
+            return Err(Error::invalid("options.ce_relative_margin", "must lie in [0, 1]"));
+        }
+        for (i, q) in req.queries.iter().enumerate() {
+            if q.text.trim().is_empty() {
+                return Err(Error::invalid(format!("queries[{i}].text"), "is empty: rerank scores (query text, document) pairs"));
+            }
+        }
+        Some(RerankFilters {
+            candidates: candidates as usize,
+            max_scored: limit.max(candidates) as usize,
+            max_score: o.ce_max_score,
+            relative_margin: o.ce_relative_margin,
+        })
+    } else {
+        for (field, set) in [
+            ("options.rerank_candidates", o.rerank_candidates.is_some()),
+            ("options.ce_max_score", o.ce_max_score.is_some()),
+            ("options.ce_relative_margin", o.ce_relative_margin.is_some()),
+        ] {
+            if set {
+                return Err(Error::invalid(field, "applies only when options.rerank is true"));
+            }
+        }
+        None
+    };
     let temperature = o.temperature.unwrap_or(cfg.mining.default_temperature);
     if temperature <= 0.0 {
         return Err(Error::invalid("options.temperature", "must be greater than 0"));
@@ -161,13 +213,27 @@ pub fn validate_mine(req: &pb::MineRequest, cfg: &Config) -> Result<MineParams> 
             max_score: o.max_score,
             absolute_margin: o.absolute_margin,
             relative_margin: o.relative_margin,
+            max_positive_similarity: o.max_positive_similarity,
             exclude_batch_positives: o.exclude_batch_positives.unwrap_or(true),
         },
         sampling,
         seed: o.seed,
         adaptive_depth: o.adaptive_depth.unwrap_or(true),
         return_text: o.return_text,
+        rerank,
     })
+}
+
+/// The `denoised` preset: relative margin 0.05 to the positive's score (NV-Retriever's
+/// TopK-PercPos), candidates more similar than MAX_POSITIVE_SIMILARITY to a positive dropped,
+/// and adaptive depth so the filters do not cost yield. Fields the request sets win.
+pub const DENOISED_RELATIVE_MARGIN: f32 = 0.05;
+pub const DENOISED_MAX_POSITIVE_SIMILARITY: f32 = 0.75;
+
+fn apply_denoised(o: &mut pb::MineOptions) {
+    o.relative_margin.get_or_insert(DENOISED_RELATIVE_MARGIN);
+    o.max_positive_similarity.get_or_insert(DENOISED_MAX_POSITIVE_SIMILARITY);
+    o.adaptive_depth.get_or_insert(true);
 }
 
 /// Validates, checks the collection and its dims, then mines: the one path behind Mine and

@@ -12,6 +12,7 @@ pub const DEFAULT_TOML: &str = include_str!("../../config/hardneg.toml");
 pub struct Config {
     pub server: ServerConfig,
     pub encoder: EncoderConfig,
+    pub reranker: RerankerConfig,
     pub index: IndexConfig,
     pub mining: MiningConfig,
     pub limits: LimitsConfig,
@@ -30,6 +31,18 @@ pub struct ServerConfig {
 pub struct EncoderConfig {
     pub model_dir: PathBuf,
     /// 0: from the model's own files.
+    pub max_tokens: usize,
+    pub token_budget: usize,
+    pub max_batch_texts: usize,
+    pub queue_capacity: usize,
+}
+
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct RerankerConfig {
+    /// Empty: no cross-encoder.
+    pub model_dir: PathBuf,
+    /// 0: the model's max_position_embeddings, at most 512.
     pub max_tokens: usize,
     pub token_budget: usize,
     pub max_batch_texts: usize,
@@ -61,6 +74,7 @@ pub struct LimitsConfig {
     pub max_num_negatives: u32,
     pub max_range: u32,
     pub max_text_chars: usize,
+    pub max_rerank_candidates: u32,
     pub max_positives_per_query: usize,
     pub max_docs_per_message: usize,
     pub max_message_bytes: usize,
@@ -72,6 +86,7 @@ pub struct Overrides {
     pub listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub model_dir: Option<PathBuf>,
+    pub reranker_dir: Option<PathBuf>,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -118,6 +133,9 @@ impl Config {
         if let Some(dir) = &overrides.model_dir {
             builder = builder.set_override("encoder.model_dir", dir.to_string_lossy().as_ref())?;
         }
+        if let Some(dir) = &overrides.reranker_dir {
+            builder = builder.set_override("reranker.model_dir", dir.to_string_lossy().as_ref())?;
+        }
         let cfg: Config = builder.build()?.try_deserialize()?;
         cfg.validate()?;
         Ok(cfg)
@@ -128,6 +146,10 @@ impl Config {
             ("encoder.token_budget", self.encoder.token_budget),
             ("encoder.max_batch_texts", self.encoder.max_batch_texts),
             ("encoder.queue_capacity", self.encoder.queue_capacity),
+            ("reranker.token_budget", self.reranker.token_budget),
+            ("reranker.max_batch_texts", self.reranker.max_batch_texts),
+            ("reranker.queue_capacity", self.reranker.queue_capacity),
+            ("limits.max_rerank_candidates", self.limits.max_rerank_candidates as usize),
             ("index.threads", self.index.threads),
             ("index.connectivity", self.index.connectivity),
             ("limits.max_batch_queries", self.limits.max_batch_queries),
@@ -180,6 +202,7 @@ mod tests {
         assert_eq!(cfg.encoder.model_dir, PathBuf::from("models/all-MiniLM-L6-v2"));
         assert_eq!(cfg.mining.default_range_max, 30);
         assert_eq!(cfg.limits.max_num_negatives, 256);
+        assert_eq!(cfg.reranker.model_dir, PathBuf::new(), "no cross-encoder by default");
     }
 
     #[test]
@@ -199,11 +222,13 @@ mod tests {
             listen: Some("127.0.0.1:7000".into()),
             data_dir: Some("/tmp/x".into()),
             model_dir: Some("/m".into()),
+            reranker_dir: Some("/r".into()),
         };
         let cfg = Config::load_with_env(Some(&file), &flags, Some(env)).unwrap();
         assert_eq!(cfg.server.listen, "127.0.0.1:7000", "flags beat env");
         assert_eq!(cfg.server.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(cfg.encoder.model_dir, PathBuf::from("/m"));
+        assert_eq!(cfg.reranker.model_dir, PathBuf::from("/r"));
     }
 
     #[test]

@@ -13,10 +13,10 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::encode::Encoder;
+use crate::encode::{Encoder, Reranker};
 use crate::error::{Error, Result};
 use crate::index::{Metric, Quantization, VectorIndex};
-use crate::mine::{self, Candidate, DepthPlan, Filters, QueryContext, Sampling, TextHashes};
+use crate::mine::{self, Candidate, DepthPlan, Filters, QueryContext, RerankFilters, RerankState, Sampling, TextHashes};
 use crate::proto as pb;
 use crate::store::{CollectionMeta, Store, StoredDoc};
 
@@ -106,6 +106,8 @@ pub struct Engine {
     pub cfg: Arc<Config>,
     store: Arc<Store>,
     pub encoder: Encoder,
+    /// The cross-encoder, when reranker.model_dir is set.
+    pub reranker: Option<Reranker>,
     collections: RwLock<HashMap<String, Arc<Collection>>>,
     index_dir: PathBuf,
 }
@@ -120,6 +122,8 @@ pub struct MineParams {
     pub seed: Option<u64>,
     pub adaptive_depth: bool,
     pub return_text: bool,
+    /// Cross-encoder options, when the request reranks.
+    pub rerank: Option<RerankFilters>,
 }
 
 async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
@@ -134,13 +138,13 @@ impl Engine {
     /// Opens the store under `data_dir` and brings every collection back: documents from the
     /// store, the index from its saved file when that reflects the store's latest version,
     /// otherwise rebuilt from the stored vectors.
-    pub fn open(cfg: Arc<Config>, encoder: Encoder) -> anyhow::Result<Self> {
+    pub fn open(cfg: Arc<Config>, encoder: Encoder, reranker: Option<Reranker>) -> anyhow::Result<Self> {
         let data_dir = &cfg.server.data_dir;
         std::fs::create_dir_all(data_dir)?;
         let store = Arc::new(Store::open(&data_dir.join("store.redb"))?);
         let index_dir = data_dir.join("indexes");
         std::fs::create_dir_all(&index_dir)?;
-        let engine = Self { cfg, store, encoder, collections: RwLock::new(HashMap::new()), index_dir };
+        let engine = Self { cfg, store, encoder, reranker, collections: RwLock::new(HashMap::new()), index_dir };
         for meta in engine.store.collections()? {
             let name = meta.name.clone();
             let coll = engine.load_collection(meta)?;
@@ -370,6 +374,15 @@ impl Engine {
     pub async fn mine(&self, req: &pb::MineRequest, params: &MineParams) -> Result<pb::MineResponse> {
         let started = Instant::now();
         let coll = self.get(&req.collection)?;
+        let reranker = match (&params.rerank, &self.reranker) {
+            (None, _) => None,
+            (Some(f), Some(r)) => Some((r, f)),
+            (Some(_), None) => {
+                return Err(Error::FailedPrecondition(
+                    "options.rerank: no cross-encoder is loaded; set reranker.model_dir (or --reranker-dir) on the server".into(),
+                ));
+            }
+        };
         let dims = coll.meta.read().dims as usize;
         let generation = coll.meta.read().generation;
 
@@ -446,25 +459,57 @@ impl Engine {
         } else {
             let store = self.store.clone();
             let name = req.collection.clone();
-            blocking(move || Ok(store.vectors(&name, &all_positive_keys)?)).await?
+            let keys = all_positive_keys.clone();
+            blocking(move || Ok(store.vectors(&name, &keys)?)).await?
         };
         let (batch_keys, batch_hashes) = (Arc::new(batch_keys), Arc::new(batch_hashes));
+        // Each query's positive vectors (stored ones, then encoded positive texts).
+        let mut positives: Vec<Vec<Vec<f32>>> = Vec::with_capacity(contexts.len());
         for (i, ctx) in contexts.iter_mut().enumerate() {
-            let q = &query_vecs[i];
-            let scores = ctx
-                .positive_keys
+            let mut keys: Vec<u64> = ctx.positive_keys.iter().copied().collect();
+            keys.sort_unstable();
+            let vecs: Vec<Vec<f32>> = keys
                 .iter()
-                .filter_map(|k| positive_vecs.get(k))
-                .chain(positive_text_vecs[i].iter())
-                .map(|p| coll.metric.score(q, p));
-            ctx.positive_score = scores.reduce(f32::min);
+                .filter_map(|k| positive_vecs.get(k).cloned())
+                .chain(positive_text_vecs[i].drain(..))
+                .collect();
+            let q = &query_vecs[i];
+            ctx.positive_score = vecs.iter().map(|p| coll.metric.score(q, p)).reduce(f32::min);
             // Own positives are dropped as positives before the batch check, so the batch
             // sets may hold the whole batch.
             ctx.batch_keys = batch_keys.clone();
             ctx.batch_hashes = batch_hashes.clone();
+            positives.push(vecs);
+        }
+        let neighbourhood = params.filters.max_positive_similarity.is_some();
+
+        // Reranking: the positives' texts, scored with the first candidates.
+        let mut rerank_seconds = 0.0;
+        let mut states: Vec<RerankState> = match reranker {
+            Some((_, f)) => req.queries.iter().map(|_| RerankState::new(f)).collect(),
+            None => Vec::new(),
+        };
+        let mut positive_pairs: Vec<(usize, String)> = Vec::new();
+        if reranker.is_some() {
+            let t = Instant::now();
+            let stored = if all_positive_keys.is_empty() {
+                HashMap::new()
+            } else {
+                let store = self.store.clone();
+                let name = req.collection.clone();
+                let keys = all_positive_keys.clone();
+                blocking(move || Ok(store.docs(&name, &keys)?)).await?
+            };
+            for (i, (q, ctx)) in req.queries.iter().zip(&contexts).enumerate() {
+                let mut keys: Vec<u64> = ctx.positive_keys.iter().copied().collect();
+                keys.sort_unstable();
+                positive_pairs.extend(keys.iter().filter_map(|k| stored.get(k)).map(|d| (i, d.encoded_text())));
+                positive_pairs.extend(q.positive_texts.iter().map(|t| (i, t.clone())));
+            }
+            rerank_seconds += t.elapsed().as_secs_f64();
         }
 
-        // Search, filter, and search deeper where needed.
+        // Search, filter, rerank, and search deeper where needed.
         let max_depth = self.cfg.mining.max_depth as usize;
         let mut plans: Vec<DepthPlan> = contexts
             .iter()
@@ -480,41 +525,134 @@ impl Engine {
             let requests: Vec<(Vec<f32>, usize)> =
                 pending.iter().map(|&i| (query_vecs[i].clone(), plans[i].search_depth.min(indexed))).collect();
             let results = coll.index.search(requests).await?;
+            let hit_vectors = if neighbourhood {
+                let keys: Vec<u64> = pending
+                    .iter()
+                    .zip(&results)
+                    .filter(|(i, _)| !positives[**i].is_empty())
+                    .flat_map(|(_, hits)| hits.iter().map(|h| h.key))
+                    .collect::<HashSet<u64>>()
+                    .into_iter()
+                    .collect();
+                coll.index.vectors(keys).await?
+            } else {
+                HashMap::new()
+            };
             search_seconds += t_search.elapsed().as_secs_f64();
             let t_filter = Instant::now();
-            let mut next_pending = Vec::new();
+            let mut returned = Vec::with_capacity(pending.len());
             {
                 let table = coll.docs.read();
                 for (&i, hits) in pending.iter().zip(results) {
-                    let returned = hits.len();
+                    returned.push(hits.len());
                     let cands: Vec<Candidate> = hits
                         .into_iter()
-                        .filter_map(|h| table.by_key.get(&h.key).map(|d| Candidate { key: h.key, score: h.score, hashes: d.hashes }))
+                        .filter_map(|h| {
+                            let d = table.by_key.get(&h.key)?;
+                            let positive_similarity = hit_vectors.get(&h.key).and_then(|v| {
+                                positives[i].iter().map(|p| Metric::Cosine.score(v, p)).reduce(f32::max)
+                            });
+                            Some(Candidate { key: h.key, score: h.score, hashes: d.hashes, positive_similarity })
+                        })
                         .collect();
-                    let sel = mine::select(&cands, &contexts[i], &params.filters, plans[i].window_end);
-                    match plans[i].next(&sel, returned, indexed, params.num_negatives, params.adaptive_depth, max_depth) {
-                        Some(next) => {
-                            plans[i] = next;
-                            next_pending.push(i);
-                        }
-                        None => selections[i] = Some(sel),
-                    }
+                    selections[i] = Some(mine::select(&cands, &contexts[i], &params.filters, plans[i].window_end));
                 }
             }
             filter_seconds += t_filter.elapsed().as_secs_f64();
+            if let Some((rr, f)) = reranker {
+                let t = Instant::now();
+                let mut to_score = pending.clone();
+                while !to_score.is_empty() {
+                    let mut wanted: Vec<(usize, u64)> = Vec::new();
+                    for &i in &to_score {
+                        let sel = selections[i].as_ref().expect("selected this round");
+                        wanted.extend(states[i].unscored(sel).into_iter().map(|k| (i, k)));
+                    }
+                    let keys: Vec<u64> = wanted.iter().map(|&(_, k)| k).collect();
+                    let docs = if keys.is_empty() {
+                        HashMap::new()
+                    } else {
+                        let store = self.store.clone();
+                        let name = req.collection.clone();
+                        blocking(move || Ok(store.docs(&name, &keys)?)).await?
+                    };
+                    // A document deleted since the search cannot be scored: it is not returned.
+                    wanted.retain(|(_, k)| docs.contains_key(k));
+                    let mut pairs: Vec<(String, String)> = positive_pairs
+                        .iter()
+                        .map(|(i, text)| (req.queries[*i].text.clone(), text.clone()))
+                        .collect();
+                    pairs.extend(wanted.iter().map(|(i, k)| (req.queries[*i].text.clone(), docs[k].encoded_text())));
+                    let scores = rr.score(pairs).await?;
+                    let (pos_scores, cand_scores) = scores.split_at(positive_pairs.len());
+                    for (&(i, _), &p) in positive_pairs.iter().zip(pos_scores) {
+                        let state = &mut states[i];
+                        state.positive_ce = Some(state.positive_ce.map_or(p, |q| q.min(p)));
+                    }
+                    positive_pairs.clear();
+                    for (&(i, key), &ce) in wanted.iter().zip(cand_scores) {
+                        states[i].scores.insert(key, ce);
+                    }
+                    let mut widened = Vec::new();
+                    for &i in &to_score {
+                        let sel = selections[i].as_ref().expect("selected this round");
+                        let passed = states[i].apply(sel, f).survivors.len();
+                        // Score the next survivors when the filter left too few; a survivor
+                        // that vanished before scoring must not loop forever.
+                        let before = states[i].budget;
+                        if params.adaptive_depth
+                            && states[i].widen(sel, passed, params.num_negatives, f)
+                            && states[i].budget > before
+                        {
+                            widened.push(i);
+                        }
+                    }
+                    to_score = widened;
+                }
+                rerank_seconds += t.elapsed().as_secs_f64();
+            }
+            let mut next_pending = Vec::new();
+            for (&i, returned) in pending.iter().zip(returned) {
+                let sel = selections[i].as_ref().expect("selected this round");
+                let have = match reranker {
+                    // Nothing more may be scored: a deeper search cannot help.
+                    Some((_, f)) if states[i].scores.len() >= f.max_scored => usize::MAX,
+                    Some((_, f)) => states[i].apply(sel, f).survivors.len(),
+                    None => sel.survivors.len(),
+                };
+                if let Some(next) =
+                    plans[i].next(sel, have, returned, indexed, params.num_negatives, params.adaptive_depth, max_depth)
+                {
+                    plans[i] = next;
+                    next_pending.push(i);
+                }
+            }
             pending = next_pending;
         }
 
         // Sample, then look up ids (and texts when asked).
         let t_sample = Instant::now();
         let seed = params.seed.unwrap_or_else(rand::random);
+        let mut dropped: Vec<mine::DropCounts> = Vec::with_capacity(selections.len());
         let picked: Vec<Vec<mine::Survivor>> = selections
             .iter()
             .enumerate()
             .map(|(i, sel)| {
                 let sel = sel.as_ref().expect("every query ends with a selection");
+                let mut counts = sel.dropped;
+                let reranked;
+                let survivors = match reranker {
+                    Some((_, f)) => {
+                        reranked = states[i].apply(sel, f);
+                        counts.ce_score = reranked.dropped_score;
+                        counts.ce_margin = reranked.dropped_margin;
+                        &reranked.survivors
+                    }
+                    None => &sel.survivors,
+                };
+                dropped.push(counts);
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                mine::sample(&sel.survivors, params.num_negatives, params.sampling, &mut rng)
+                mine::sample(survivors, params.num_negatives, params.sampling, &mut rng)
             })
             .collect();
         let texts: HashMap<u64, StoredDoc> = if params.return_text {
@@ -529,38 +667,40 @@ impl Engine {
         let results = req
             .queries
             .iter()
+            .enumerate()
             .zip(picked)
-            .zip(selections)
+            .zip(dropped)
             .zip(&plans)
             .zip(&contexts)
-            .map(|((((q, picked), sel), plan), ctx)| {
-                let sel = sel.expect("every query ends with a selection");
-                let d = sel.dropped;
-                pb::QueryResult {
-                    query_id: q.id.clone(),
-                    negatives: picked
-                        .into_iter()
-                        .filter_map(|s| {
-                            let entry = table.by_key.get(&s.key)?;
-                            Some(pb::Negative {
-                                id: entry.id.to_string(),
-                                text: texts.get(&s.key).map(|d| d.encoded_text()).unwrap_or_default(),
-                                score: s.score,
-                                rank: s.rank,
-                            })
+            .map(|(((((i, q), picked), d), plan), ctx)| pb::QueryResult {
+                query_id: q.id.clone(),
+                negatives: picked
+                    .into_iter()
+                    .filter_map(|s| {
+                        let entry = table.by_key.get(&s.key)?;
+                        Some(pb::Negative {
+                            id: entry.id.to_string(),
+                            text: texts.get(&s.key).map(|d| d.encoded_text()).unwrap_or_default(),
+                            score: s.score,
+                            rank: s.rank,
+                            ce_score: s.ce,
                         })
-                        .collect(),
-                    dropped: Some(pb::DropCounts {
-                        positive: d.positive,
-                        duplicate_text: d.duplicate_text,
-                        batch_positive: d.batch_positive,
-                        window: d.window,
-                        score_bound: d.score_bound,
-                        margin: d.margin,
-                    }),
-                    depth: plan.window_end as u32,
-                    positive_score: ctx.positive_score,
-                }
+                    })
+                    .collect(),
+                dropped: Some(pb::DropCounts {
+                    positive: d.positive,
+                    duplicate_text: d.duplicate_text,
+                    batch_positive: d.batch_positive,
+                    window: d.window,
+                    score_bound: d.score_bound,
+                    margin: d.margin,
+                    ce_score: d.ce_score,
+                    ce_margin: d.ce_margin,
+                    positive_similarity: d.positive_similarity,
+                }),
+                depth: plan.window_end as u32,
+                positive_score: ctx.positive_score,
+                positive_ce_score: states.get(i).and_then(|s| s.positive_ce),
             })
             .collect();
         filter_seconds += t_sample.elapsed().as_secs_f64();
@@ -573,6 +713,7 @@ impl Engine {
                 search_seconds,
                 filter_seconds,
                 total_seconds: started.elapsed().as_secs_f64(),
+                rerank_seconds,
             }),
         })
     }

@@ -232,6 +232,23 @@ impl VectorIndex {
         .await
     }
 
+    /// The indexed vectors of `keys` (as stored: dequantized for f16 and i8); keys not in the
+    /// index are left out.
+    pub async fn vectors(&self, keys: Vec<u64>) -> Result<std::collections::HashMap<u64, Vec<f32>>, IndexError> {
+        let dims = self.dims;
+        self.blocking(move |index| {
+            let mut out = std::collections::HashMap::with_capacity(keys.len());
+            for key in keys {
+                let mut v = vec![0f32; dims];
+                if index.get(key, &mut v).map_err(usearch_err)? > 0 {
+                    out.insert(key, v);
+                }
+            }
+            Ok(out)
+        })
+        .await
+    }
+
     /// Writes the index to `path` (the caller renames it into place).
     pub fn save_blocking(&self, path: &Path) -> Result<(), IndexError> {
         self.index.write().save(&path.to_string_lossy()).map_err(usearch_err)
@@ -340,6 +357,10 @@ mod tests {
         assert!(hits[0].iter().all(|h| h.key != 7 && h.key != 8));
         assert_eq!(hits[1][0].key, 100);
         assert!((Metric::InnerProduct.score(&vs[8], &vs[8]) - hits[1][0].score).abs() < 1e-4, "score is the dot product");
+        let got = index.vectors(vec![3, 7, 100]).await.unwrap();
+        assert_eq!(got.len(), 2, "a removed key has no vector");
+        assert_eq!(got[&3], vs[3]);
+        assert_eq!(got[&100], vs[8]);
     }
 
     #[tokio::test]

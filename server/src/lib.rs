@@ -1,7 +1,7 @@
 //! hardneg-server: online hard-negative mining over gRPC.
 //!
-//! Pipeline stages, one module each: [`api`] (validation, gRPC), [`encode`] (bi-encoder on
-//! its own thread, batched by token budget), [`index`] (usearch), [`mine`] (exclusion,
+//! Pipeline stages, one module each: [`api`] (validation, gRPC), [`encode`] (bi-encoder and
+//! optional cross-encoder, each on its own thread, batched by token budget), [`index`] (usearch), [`mine`] (exclusion,
 //! filters, adaptive depth, sampling), [`store`] (redb), tied together by [`engine`].
 pub mod api;
 pub mod config;
@@ -22,7 +22,7 @@ pub mod proto {
 }
 
 use config::Config;
-use encode::{BatchConfig, Encoder};
+use encode::{BatchConfig, Encoder, Reranker};
 use engine::Engine;
 
 /// Loads the encoder and the collections, serves gRPC until `shutdown` resolves, then saves
@@ -50,8 +50,24 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
         .map_err(|e| anyhow::anyhow!("encoder.model_dir: {e}"))?;
     let info = encoder.info().clone();
     tracing::info!(model = %info.name, dims = info.dims, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "encoder loaded");
+    let reranker = if cfg.reranker.model_dir.as_os_str().is_empty() {
+        None
+    } else {
+        let rcfg = cfg.reranker.clone();
+        let batch = BatchConfig {
+            token_budget: rcfg.token_budget,
+            max_batch_texts: rcfg.max_batch_texts,
+            queue_capacity: rcfg.queue_capacity,
+        };
+        let reranker = tokio::task::spawn_blocking(move || Reranker::load(&rcfg.model_dir, rcfg.max_tokens, batch))
+            .await?
+            .map_err(|e| anyhow::anyhow!("reranker.model_dir: {e}"))?;
+        let info = reranker.info();
+        tracing::info!(model = %info.name, family = info.family, labels = info.num_labels, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "cross-encoder loaded");
+        Some(reranker)
+    };
     let engine_cfg = cfg.clone();
-    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(engine_cfg, encoder)).await??);
+    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(engine_cfg, encoder, reranker)).await??);
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)

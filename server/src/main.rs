@@ -23,6 +23,9 @@ struct Args {
     /// Bi-encoder model directory (encoder.model_dir).
     #[arg(long)]
     model_dir: Option<PathBuf>,
+    /// Cross-encoder model directory for reranking (reranker.model_dir).
+    #[arg(long)]
+    reranker_dir: Option<PathBuf>,
     /// Print the effective configuration and exit.
     #[arg(long)]
     print_config: bool,
@@ -45,7 +48,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let overrides = Overrides { listen: args.listen, data_dir: args.data_dir, model_dir: args.model_dir };
+    let overrides = Overrides { listen: args.listen, data_dir: args.data_dir, model_dir: args.model_dir, reranker_dir: args.reranker_dir };
     let cfg = match Config::load(args.config.as_deref(), &overrides) {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -43,14 +43,14 @@ impl Handle {
     }
 }
 
-pub(super) fn spawn(model: Box<dyn EmbedModel>, cfg: BatchConfig) -> Handle {
+pub(super) fn spawn(model: Box<dyn EmbedModel>, cfg: BatchConfig, thread_name: &str) -> Handle {
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
     let abandoned = Arc::new(AtomicU64::new(0));
     let counter = abandoned.clone();
     std::thread::Builder::new()
-        .name("hardneg-encoder".into())
+        .name(thread_name.into())
         .spawn(move || run(model, rx, cfg, &counter))
-        .expect("spawning the encoder thread must succeed at startup");
+        .expect("spawning a model thread must succeed at startup");
     Handle { tx, abandoned }
 }
 
@@ -197,6 +197,7 @@ mod tests {
         let handle = spawn(
             Box::new(Recorder(sizes.clone())),
             BatchConfig { token_budget: 64, max_batch_texts: 8, queue_capacity: 16 },
+            "test-model",
         );
         let handle = std::sync::Arc::new(handle);
         let mut tasks = Vec::new();

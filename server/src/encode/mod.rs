@@ -1,11 +1,12 @@
-//! Text encoders. A model sits behind the small synchronous [`EmbedModel`] trait and runs on
-//! its own thread; [`Encoder`] is the async handle the service uses. Concurrent callers are
-//! grouped into model batches by a padded-token budget (see [`batcher`]).
+//! Text models. A model sits behind the small synchronous [`EmbedModel`] trait and runs on
+//! its own thread; [`Encoder`] (the bi-encoder) and [`Reranker`] (the cross-encoder) are the
+//! async handles the service uses. Concurrent callers are grouped into model batches by a
+//! padded-token budget (see [`batcher`]).
 pub mod batcher;
 pub mod bert;
 pub mod body;
-#[cfg(test)]
-pub(crate) mod testing;
+pub mod cross;
+pub mod testing;
 
 use std::path::Path;
 use std::sync::Arc;
@@ -34,8 +35,9 @@ pub struct TokenizedText {
     pub type_ids: Vec<u32>,
 }
 
-/// A bi-encoder model: a batch of tokenized texts in, one L2-normalized vector per text out.
-/// Implementations pad the batch themselves and run synchronously on the caller's thread.
+/// A model over tokenized texts: a batch in, one output vector per text out (a bi-encoder's
+/// L2-normalized embedding, a cross-encoder's logits). Implementations pad the batch
+/// themselves and run synchronously on the caller's thread.
 pub trait EmbedModel: Send + 'static {
     fn embed(&mut self, batch: &[&TokenizedText]) -> Result<Vec<Vec<f32>>, EncodeError>;
     fn dims(&self) -> usize;
@@ -79,16 +81,8 @@ impl Encoder {
         info: EncoderInfo,
         cfg: BatchConfig,
     ) -> Result<Self, EncodeError> {
-        // The shipped tokenizer.json may pad and truncate to a fixed length: padding is done
-        // per batch by the model, truncation is ours to set.
-        tokenizer.with_padding(None);
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: info.max_tokens,
-                ..Default::default()
-            }))
-            .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
-        let batcher = batcher::spawn(model, cfg);
+        set_lengths(&mut tokenizer, info.max_tokens)?;
+        let batcher = batcher::spawn(model, cfg, "hardneg-encoder");
         Ok(Self { inner: Arc::new(Inner { tokenizer, info, batcher }) })
     }
 
@@ -126,5 +120,74 @@ impl Encoder {
     /// Work items dropped because their caller went away before the model reached them.
     pub fn abandoned_jobs(&self) -> u64 {
         self.inner.batcher.abandoned()
+    }
+}
+
+/// The shipped tokenizer.json may pad and truncate to a fixed length: padding is done per
+/// batch by the model, truncation (longest-first for pairs) is ours to set.
+fn set_lengths(tokenizer: &mut Tokenizer, max_tokens: usize) -> Result<(), EncodeError> {
+    tokenizer.with_padding(None);
+    tokenizer
+        .with_truncation(Some(TruncationParams { max_length: max_tokens, ..Default::default() }))
+        .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
+    Ok(())
+}
+
+/// Async handle to a cross-encoder running on its own thread. Cheap to clone.
+#[derive(Clone)]
+pub struct Reranker {
+    inner: Arc<RerankerInner>,
+}
+
+struct RerankerInner {
+    tokenizer: Tokenizer,
+    info: cross::CrossEncoderInfo,
+    batcher: batcher::Handle,
+}
+
+impl Reranker {
+    /// Loads a sequence-classification checkpoint (see [`cross`]) from an HF-style directory.
+    pub fn load(dir: &Path, max_tokens: usize, cfg: BatchConfig) -> Result<Self, EncodeError> {
+        let loaded = cross::CrossEncoderModel::load(dir, max_tokens, &candle_core::Device::Cpu)?;
+        let mut tokenizer = loaded.tokenizer;
+        set_lengths(&mut tokenizer, loaded.info.max_tokens)?;
+        let batcher = batcher::spawn(Box::new(loaded.model), cfg, "hardneg-reranker");
+        Ok(Self { inner: Arc::new(RerankerInner { tokenizer, info: loaded.info, batcher }) })
+    }
+
+    pub fn info(&self) -> &cross::CrossEncoderInfo {
+        &self.inner.info
+    }
+
+    /// Tokenizes (query, document) pairs as two segments, truncated longest-first.
+    pub fn tokenize_pairs(&self, pairs: &[(String, String)]) -> Result<Vec<TokenizedText>, EncodeError> {
+        let inputs: Vec<tokenizers::EncodeInput> =
+            pairs.iter().map(|(q, d)| (q.as_str(), d.as_str()).into()).collect();
+        let encodings = self
+            .inner
+            .tokenizer
+            .encode_batch(inputs, true)
+            .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
+        Ok(encodings
+            .into_iter()
+            .map(|e| TokenizedText { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })
+            .collect())
+    }
+
+    /// Each pair's logits, in order; pairs from concurrent callers share model batches.
+    pub async fn logits(&self, pairs: Vec<(String, String)>) -> Result<Vec<Vec<f32>>, EncodeError> {
+        if pairs.is_empty() {
+            return Ok(Vec::new());
+        }
+        let this = self.clone();
+        let tokenized = tokio::task::spawn_blocking(move || this.tokenize_pairs(&pairs))
+            .await
+            .map_err(|_| EncodeError::Stopped)??;
+        self.inner.batcher.submit(tokenized).await
+    }
+
+    /// Each pair's probability of relevance, in order.
+    pub async fn score(&self, pairs: Vec<(String, String)>) -> Result<Vec<f32>, EncodeError> {
+        Ok(self.logits(pairs).await?.iter().map(|l| cross::probability(l)).collect())
     }
 }

@@ -1,9 +1,10 @@
 //! The mining logic of one query, free of I/O so it can be tested with a deterministic scorer:
 //! exclude (positives, duplicate texts, batch positives), filter (rank window, score bounds,
-//! positive-aware margins), decide whether to search deeper, and sample.
+//! positive-aware margins, similarity to the positives), rerank (cross-encoder thresholds),
+//! decide whether to score or search deeper, and sample.
 pub mod sample;
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
@@ -37,6 +38,9 @@ pub struct Candidate {
     pub key: u64,
     pub score: f32,
     pub hashes: TextHashes,
+    /// Highest cosine similarity of the document to one of the query's positives, when the
+    /// positive-neighbourhood filter is on and the query has positive vectors.
+    pub positive_similarity: Option<f32>,
 }
 
 /// Everything known about one query's positives and its batch.
@@ -59,6 +63,8 @@ pub struct Filters {
     pub max_score: Option<f32>,
     pub absolute_margin: Option<f32>,
     pub relative_margin: Option<f32>,
+    /// Drop a candidate more similar than this to one of the positives.
+    pub max_positive_similarity: Option<f32>,
     pub exclude_batch_positives: bool,
 }
 
@@ -70,14 +76,27 @@ pub struct DropCounts {
     pub window: u32,
     pub score_bound: u32,
     pub margin: u32,
+    pub positive_similarity: u32,
+    pub ce_score: u32,
+    pub ce_margin: u32,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct Survivor {
     pub key: u64,
+    /// Bi-encoder score.
     pub score: f32,
     /// 0-based rank among non-excluded candidates.
     pub rank: u32,
+    /// Cross-encoder probability, when reranked.
+    pub ce: Option<f32>,
+}
+
+impl Survivor {
+    /// The score survivors are ordered and sampled by: the cross-encoder's when reranked.
+    pub fn order_score(&self) -> f32 {
+        self.ce.unwrap_or(self.score)
+    }
 }
 
 #[derive(Debug, Clone, Default, PartialEq)]
@@ -140,9 +159,87 @@ pub fn select(cands: &[Candidate], ctx: &QueryContext, f: &Filters, window_end: 
             sel.dropped.margin += 1;
             continue;
         }
-        sel.survivors.push(Survivor { key: c.key, score: c.score, rank: rank as u32 });
+        if let (Some(limit), Some(sim)) = (f.max_positive_similarity, c.positive_similarity) {
+            if sim > limit {
+                sel.dropped.positive_similarity += 1;
+                continue;
+            }
+        }
+        sel.survivors.push(Survivor { key: c.key, score: c.score, rank: rank as u32, ce: None });
     }
     sel
+}
+
+/// Cross-encoder options of a request.
+#[derive(Debug, Clone, PartialEq)]
+pub struct RerankFilters {
+    /// Survivors scored per round, best bi-encoder rank first.
+    pub candidates: usize,
+    /// Survivors scored per query over all rounds at most.
+    pub max_scored: usize,
+    pub max_score: Option<f32>,
+    pub relative_margin: Option<f32>,
+}
+
+/// One query's reranking so far: the cross-encoder scores already computed (kept across
+/// deeper searches, so no pair is scored twice) and how many survivors may be scored now.
+#[derive(Debug, Clone, Default)]
+pub struct RerankState {
+    pub scores: HashMap<u64, f32>,
+    pub budget: usize,
+    /// The lowest cross-encoder probability of the query's positives, when known.
+    pub positive_ce: Option<f32>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq)]
+pub struct Reranked {
+    /// Scored survivors that passed, best cross-encoder probability first.
+    pub survivors: Vec<Survivor>,
+    pub dropped_score: u32,
+    pub dropped_margin: u32,
+}
+
+impl RerankState {
+    pub fn new(f: &RerankFilters) -> Self {
+        Self { scores: HashMap::new(), budget: f.candidates.min(f.max_scored), positive_ce: None }
+    }
+
+    /// Survivors within the budget that still need a cross-encoder score.
+    pub fn unscored(&self, sel: &Selection) -> Vec<u64> {
+        sel.survivors.iter().take(self.budget).map(|s| s.key).filter(|k| !self.scores.contains_key(k)).collect()
+    }
+
+    /// Applies the cross-encoder thresholds to the scored survivors within the budget.
+    pub fn apply(&self, sel: &Selection, f: &RerankFilters) -> Reranked {
+        let margin = match (self.positive_ce, f.relative_margin) {
+            (Some(p), Some(m)) => Some(p * (1.0 - m)),
+            _ => None,
+        };
+        let mut out = Reranked::default();
+        for s in sel.survivors.iter().take(self.budget) {
+            let Some(&ce) = self.scores.get(&s.key) else { continue };
+            if f.max_score.is_some_and(|m| ce >= m) {
+                out.dropped_score += 1;
+            } else if margin.is_some_and(|t| ce >= t) {
+                out.dropped_margin += 1;
+            } else {
+                out.survivors.push(Survivor { ce: Some(ce), ..*s });
+            }
+        }
+        out.survivors.sort_by(|a, b| b.order_score().total_cmp(&a.order_score()).then(a.rank.cmp(&b.rank)));
+        out
+    }
+
+    /// Widens the budget when too few passed and unscored survivors remain; false when the
+    /// only way to find more is a deeper search (or there is none).
+    pub fn widen(&mut self, sel: &Selection, passed: usize, wanted: usize, f: &RerankFilters) -> bool {
+        if passed >= wanted || sel.survivors.len() <= self.budget || self.scores.len() >= f.max_scored {
+            return false;
+        }
+        let room = f.max_scored - self.scores.len();
+        self.budget += f.candidates.min(room).max(1);
+        true
+    }
 }
 
 /// How deep to look: rank window end, and how many hits to ask the index for (the window
@@ -159,10 +256,13 @@ impl DepthPlan {
     }
 
     /// The next search after `sel` came from a search that returned `returned` hits out of
-    /// `indexed` documents; `None` when the answer is final.
+    /// `indexed` documents and left `have` usable negatives (survivors, or survivors that
+    /// passed the cross-encoder); `None` when the answer is final.
+    #[allow(clippy::too_many_arguments)]
     pub fn next(
         self,
         sel: &Selection,
+        have: usize,
         returned: usize,
         indexed: usize,
         wanted: usize,
@@ -177,7 +277,7 @@ impl DepthPlan {
             return Some(Self { window_end: self.window_end, search_depth: (self.search_depth * 2).min(indexed).min(depth_cap) });
         }
         let window_full = sel.ranked >= self.window_end;
-        if sel.survivors.len() < wanted && adaptive && window_full && self.window_end < max_depth {
+        if have < wanted && adaptive && window_full && self.window_end < max_depth {
             let window_end = (self.window_end * 2).min(max_depth);
             let slack = self.search_depth.saturating_sub(self.window_end);
             return Some(Self { window_end, search_depth: window_end + slack });
@@ -193,7 +293,7 @@ mod tests {
     /// A deterministic scorer: candidate i scores 1 - i/100, text "doc i".
     fn cands(n: usize) -> Vec<Candidate> {
         (0..n)
-            .map(|i| Candidate { key: i as u64, score: 1.0 - i as f32 / 100.0, hashes: [text_hash(&format!("doc {i}")); 2] })
+            .map(|i| Candidate { key: i as u64, score: 1.0 - i as f32 / 100.0, hashes: [text_hash(&format!("doc {i}")); 2], positive_similarity: None })
             .collect()
     }
 
@@ -204,6 +304,7 @@ mod tests {
             max_score: None,
             absolute_margin: None,
             relative_margin: None,
+            max_positive_similarity: None,
             exclude_batch_positives: true,
         }
     }
@@ -283,7 +384,7 @@ mod tests {
             loop {
                 let hits = &c[..plan.search_depth.min(c.len())];
                 let sel = select(hits, &ctx, &f, plan.window_end);
-                match plan.next(&sel, hits.len(), c.len(), 5, adaptive, max_depth) {
+                match plan.next(&sel, sel.survivors.len(), hits.len(), c.len(), 5, adaptive, max_depth) {
                     Some(next) => plan = next,
                     None => return (sel, plan),
                 }
@@ -310,7 +411,7 @@ mod tests {
             rounds += 1;
             let hits = &c[..plan.search_depth.min(c.len())];
             let sel = select(hits, &ctx, &filters(), plan.window_end);
-            match plan.next(&sel, hits.len(), c.len(), 5, false, 1000) {
+            match plan.next(&sel, sel.survivors.len(), hits.len(), c.len(), 5, false, 1000) {
                 Some(next) => plan = next,
                 None => break sel,
             }

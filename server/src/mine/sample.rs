@@ -1,6 +1,7 @@
 //! Choosing num_negatives among the survivors: the top ones, uniformly, or by softmax over
-//! scores with a temperature (Gumbel top-k, i.e. sampling without replacement). Results come
-//! back in rank order; the caller seeds the generator for reproducible answers.
+//! scores (the cross-encoder's when reranked, else the bi-encoder's) with a temperature
+//! (Gumbel top-k, i.e. sampling without replacement). Results keep the survivors' order;
+//! the caller seeds the generator for reproducible answers.
 use rand::Rng;
 use rand::seq::index;
 
@@ -27,7 +28,7 @@ pub fn sample<R: Rng>(survivors: &[Survivor], n: usize, sampling: Sampling, rng:
                 .map(|(i, s)| {
                     let u: f64 = rng.random_range(f64::MIN_POSITIVE..1.0);
                     let gumbel = -(-u.ln()).ln();
-                    (s.score as f64 / temperature as f64 + gumbel, i)
+                    (s.order_score() as f64 / temperature as f64 + gumbel, i)
                 })
                 .collect();
             keyed.sort_by(|a, b| b.0.total_cmp(&a.0).then(a.1.cmp(&b.1)));
@@ -45,7 +46,7 @@ mod tests {
     use rand_chacha::ChaCha8Rng;
 
     fn survivors(n: usize) -> Vec<Survivor> {
-        (0..n).map(|i| Survivor { key: i as u64, score: 1.0 - i as f32 / 10.0, rank: i as u32 }).collect()
+        (0..n).map(|i| Survivor { key: i as u64, score: 1.0 - i as f32 / 10.0, rank: i as u32, ce: None }).collect()
     }
 
     fn keys(v: &[Survivor]) -> Vec<u64> {

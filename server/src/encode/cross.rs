@@ -1,0 +1,281 @@
+//! Cross-encoders: a (query, document) pair in, a relevance probability out. Two families of
+//! Hugging Face checkpoints load: `BertForSequenceClassification` (our BERT body, then the
+//! pooler's dense + tanh over [CLS], then `classifier`) and `XLMRobertaForSequenceClassification`
+//! / `RobertaForSequenceClassification` (candle-transformers' implementation; the bge-reranker
+//! family). One label is a logit (sigmoid gives the probability); two labels are softmaxed and
+//! label 1 is "relevant".
+use std::path::Path;
+
+use candle_core::{DType, Device, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
+use candle_transformers::models::bert::Config as BertConfig;
+use candle_transformers::models::xlm_roberta::{Config as XlmRobertaConfig, XLMRobertaForSequenceClassification};
+use serde::Deserialize;
+use sha2::{Digest, Sha256};
+use tokenizers::Tokenizer;
+
+use super::body::BertBody;
+use super::{EmbedModel, EncodeError, TokenizedText};
+
+/// What identifies a cross-encoder, for logs and responses.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct CrossEncoderInfo {
+    /// Model directory name, for humans.
+    pub name: String,
+    /// sha256 over config.json and the weights.
+    pub fingerprint: String,
+    pub num_labels: usize,
+    /// Truncation length of a pair, special tokens included.
+    pub max_tokens: usize,
+    /// "bert" or "xlm-roberta".
+    pub family: &'static str,
+}
+
+#[derive(Debug, Deserialize)]
+struct HeadConfig {
+    #[serde(default)]
+    model_type: Option<String>,
+    #[serde(default)]
+    num_labels: Option<usize>,
+    #[serde(default)]
+    id2label: Option<serde_json::Map<String, serde_json::Value>>,
+    #[serde(default)]
+    pad_token_id: Option<u32>,
+}
+
+enum Arch {
+    Bert { body: BertBody, pooler: Linear, classifier: Linear },
+    XlmRoberta(XLMRobertaForSequenceClassification),
+}
+
+/// A loaded cross-encoder; [`EmbedModel::embed`] returns each pair's logits.
+pub struct CrossEncoderModel {
+    arch: Arch,
+    num_labels: usize,
+    pad_id: u32,
+    device: Device,
+}
+
+pub struct LoadedCross {
+    pub model: CrossEncoderModel,
+    pub tokenizer: Tokenizer,
+    pub info: CrossEncoderInfo,
+}
+
+fn load_err(dir: &Path, reason: impl std::fmt::Display) -> EncodeError {
+    EncodeError::Load { dir: dir.display().to_string(), reason: reason.to_string() }
+}
+
+fn linear(vb: VarBuilder, input: usize, output: usize) -> candle_core::Result<Linear> {
+    Ok(Linear::new(vb.get((output, input), "weight")?, Some(vb.get(output, "bias")?)))
+}
+
+/// The probability that the pair is relevant, from its logits.
+pub fn probability(logits: &[f32]) -> f32 {
+    match logits {
+        [logit] => 1.0 / (1.0 + (-logit).exp()),
+        [a, b] => {
+            let m = a.max(*b);
+            let (ea, eb) = ((a - m).exp(), (b - m).exp());
+            eb / (ea + eb)
+        }
+        // More labels: softmax, label 1 (the "relevant" convention of two-label heads).
+        many => {
+            let m = many.iter().copied().fold(f32::NEG_INFINITY, f32::max);
+            let sum: f32 = many.iter().map(|x| (x - m).exp()).sum();
+            many.get(1).map_or(0.0, |x| (x - m).exp() / sum)
+        }
+    }
+}
+
+impl CrossEncoderModel {
+    /// Loads config.json, tokenizer.json and model.safetensors from `dir`. `max_tokens` 0 takes
+    /// the model's position limit (at most 512).
+    pub fn load(dir: &Path, max_tokens: usize, device: &Device) -> Result<LoadedCross, EncodeError> {
+        let read = |name: &str| std::fs::read(dir.join(name)).map_err(|e| load_err(dir, format!("{name}: {e}")));
+        let config_bytes = read("config.json")?;
+        let head: HeadConfig =
+            serde_json::from_slice(&config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
+        let num_labels = head.num_labels.or(head.id2label.as_ref().map(|m| m.len())).unwrap_or(2);
+        if num_labels == 0 {
+            return Err(load_err(dir, "config.json: num_labels is 0"));
+        }
+        let weights = read("model.safetensors")?;
+        let mut hasher = Sha256::new();
+        hasher.update(&config_bytes);
+        hasher.update(&weights);
+        let fingerprint = hex::encode(hasher.finalize());
+        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, device)
+            .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
+        let mismatch = |e: candle_core::Error| load_err(dir, format!("model.safetensors does not match config.json: {e}"));
+        let model_type = head.model_type.as_deref().unwrap_or("bert");
+        let (arch, family, positions) = match model_type {
+            "xlm-roberta" | "roberta" => {
+                let cfg: XlmRobertaConfig =
+                    serde_json::from_slice(&config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
+                let model = XLMRobertaForSequenceClassification::new(num_labels, &cfg, vb).map_err(mismatch)?;
+                // Positions start after the padding index.
+                let positions = cfg.max_position_embeddings.saturating_sub(cfg.pad_token_id as usize + 1);
+                (Arch::XlmRoberta(model), "xlm-roberta", positions)
+            }
+            "bert" => {
+                let cfg: BertConfig =
+                    serde_json::from_slice(&config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
+                let body = BertBody::load(vb.clone(), &cfg).map_err(mismatch)?;
+                let root = if vb.contains_tensor("bert.pooler.dense.weight") { vb.pp("bert") } else { vb.clone() };
+                let pooler = linear(root.pp("pooler.dense"), cfg.hidden_size, cfg.hidden_size).map_err(mismatch)?;
+                let classifier = linear(vb.pp("classifier"), cfg.hidden_size, num_labels).map_err(mismatch)?;
+                (Arch::Bert { body, pooler, classifier }, "bert", cfg.max_position_embeddings)
+            }
+            other => {
+                return Err(load_err(dir, format!("config.json: model_type {other:?} is not supported (bert, roberta, xlm-roberta)")));
+            }
+        };
+        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+            .map_err(|e| load_err(dir, format!("tokenizer.json: {e}")))?;
+        let limit = positions.min(512);
+        let max_tokens = if max_tokens == 0 { limit } else { max_tokens.min(limit) }.max(4);
+        let name = dir
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_else(|| dir.display().to_string());
+        Ok(LoadedCross {
+            model: CrossEncoderModel {
+                arch,
+                num_labels,
+                pad_id: head.pad_token_id.unwrap_or(if family == "bert" { 0 } else { 1 }),
+                device: device.clone(),
+            },
+            tokenizer,
+            info: CrossEncoderInfo { name, fingerprint, num_labels, max_tokens, family },
+        })
+    }
+
+    fn forward(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
+        let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
+        let n = batch.len();
+        let mut ids = vec![self.pad_id; n * len];
+        let mut types = vec![0u32; n * len];
+        let mut mask = vec![0u32; n * len];
+        for (row, text) in batch.iter().enumerate() {
+            let at = row * len;
+            ids[at..at + text.ids.len()].copy_from_slice(&text.ids);
+            types[at..at + text.type_ids.len()].copy_from_slice(&text.type_ids);
+            mask[at..at + text.ids.len()].fill(1);
+        }
+        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
+        let types = Tensor::from_vec(types, (n, len), &self.device)?;
+        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let logits = match &self.arch {
+            Arch::Bert { body, pooler, classifier } => {
+                let hidden = body.forward(&ids, &types, &mask)?;
+                let cls = hidden.narrow(1, 0, 1)?.squeeze(1)?;
+                classifier.forward(&pooler.forward(&cls)?.tanh()?)?
+            }
+            // RoBERTa models have one token type; the pair's segments are told apart by
+            // separators alone.
+            Arch::XlmRoberta(model) => model.forward(&ids, &mask, &types.zeros_like()?)?,
+        };
+        logits.to_dtype(DType::F32)?.to_vec2::<f32>()
+    }
+}
+
+impl EmbedModel for CrossEncoderModel {
+    fn embed(&mut self, batch: &[&TokenizedText]) -> Result<Vec<Vec<f32>>, EncodeError> {
+        if batch.is_empty() {
+            return Ok(Vec::new());
+        }
+        Ok(self.forward(batch)?)
+    }
+
+    fn dims(&self) -> usize {
+        self.num_labels
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::super::testing::{real_model_dir, seeded_cross_encoder, tiny_model, tiny_xlm_roberta};
+    use super::super::{BatchConfig, Reranker};
+    use super::*;
+
+    const CFG: BatchConfig = BatchConfig { token_budget: 4096, max_batch_texts: 64, queue_capacity: 64 };
+
+    fn pairs() -> Vec<(String, String)> {
+        [
+            ("the quick fox", "a lazy dog sleeps"),
+            ("wing flow", "boundary layer flow over the wing and the plate"),
+            ("heat transfer", "shock wave"),
+            ("fox", "the quick brown fox jumps over the lazy dog"),
+        ]
+        .map(|(q, d)| (q.to_string(), d.to_string()))
+        .to_vec()
+    }
+
+    #[test]
+    fn probability_follows_the_head() {
+        assert!((probability(&[0.0]) - 0.5).abs() < 1e-6);
+        assert!((probability(&[2.0]) - 0.880_797).abs() < 1e-5);
+        assert!((probability(&[1.0, 3.0]) - 0.880_797).abs() < 1e-5, "softmax, label 1");
+        assert!((probability(&[1000.0, -1000.0])).abs() < 1e-6, "no overflow");
+    }
+
+    /// Every family and head size: batched scores equal one-at-a-time scores, pairs are
+    /// tokenized as two segments, and truncation keeps pairs within max_tokens.
+    #[tokio::test]
+    async fn batched_equals_alone_for_each_family() {
+        for (family, labels) in [("bert", 1), ("bert", 2), ("xlm-roberta", 1)] {
+            let dir = tempfile::tempdir().unwrap();
+            if family == "bert" {
+                let body = tempfile::tempdir().unwrap();
+                tiny_model(body.path(), "mean");
+                seeded_cross_encoder(body.path(), dir.path(), labels, 7);
+            } else {
+                tiny_xlm_roberta(dir.path());
+            }
+            let rr = Reranker::load(dir.path(), 0, CFG).unwrap();
+            assert_eq!(rr.info().family, family);
+            assert_eq!(rr.info().num_labels, labels);
+            let batched = rr.logits(pairs()).await.unwrap();
+            for (pair, b) in pairs().into_iter().zip(&batched) {
+                assert_eq!(b.len(), labels);
+                let alone = rr.logits(vec![pair]).await.unwrap();
+                for (x, y) in alone[0].iter().zip(b) {
+                    assert!((x - y).abs() < 1e-5, "{family}/{labels}: alone {x} batched {y}");
+                }
+            }
+            let scores = rr.score(pairs()).await.unwrap();
+            assert!(scores.iter().all(|s| (0.0..=1.0).contains(s)));
+            assert!(scores.windows(2).any(|w| (w[0] - w[1]).abs() > 1e-6), "{family}: scores depend on the pair");
+            if family == "bert" {
+                let toks = rr.tokenize_pairs(&pairs()[..1]).unwrap();
+                let t = &toks[0];
+                assert_eq!(t.type_ids.iter().filter(|&&x| x == 0).count(), 5, "[CLS] the quick fox [SEP]");
+                assert!(t.type_ids.ends_with(&[1]), "document segment");
+                let long = vec![("fox ".repeat(300), "dog ".repeat(300))];
+                assert_eq!(rr.tokenize_pairs(&long).unwrap()[0].ids.len(), rr.info().max_tokens);
+            }
+        }
+    }
+
+    #[test]
+    fn missing_files_and_unknown_families_are_named() {
+        let dir = tempfile::tempdir().unwrap();
+        let err = CrossEncoderModel::load(dir.path(), 0, &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("config.json"), "{err}");
+        std::fs::write(dir.path().join("config.json"), r#"{"model_type":"t5","max_position_embeddings":512}"#).unwrap();
+        std::fs::write(dir.path().join("model.safetensors"), b"").unwrap();
+        let err = CrossEncoderModel::load(dir.path(), 0, &Device::Cpu).err().unwrap().to_string();
+        assert!(err.contains("t5") || err.contains("model.safetensors"), "{err}");
+    }
+
+    /// The real MiniLM body under a seeded head loads as a cross-encoder with MiniLM's limits.
+    #[test]
+    fn real_body_with_a_seeded_head_loads() {
+        let dir = tempfile::tempdir().unwrap();
+        seeded_cross_encoder(&real_model_dir(), dir.path(), 1, 42);
+        let loaded = CrossEncoderModel::load(dir.path(), 0, &Device::Cpu).unwrap();
+        assert_eq!(loaded.info.max_tokens, 512);
+        assert_eq!(loaded.info.family, "bert");
+    }
+}
