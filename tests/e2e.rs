@@ -264,6 +264,19 @@ async fn bad_input_gets_a_clear_status_and_the_server_keeps_serving() {
     cases.push(("batch too large", mine_req("small", many, options(2, 1)), Code::InvalidArgument, "queries"));
     let margin = proto::MineOptions { relative_margin: Some(1.5), ..options(2, 1) };
     cases.push(("relative margin", mine_req("small", vec![text_query("x")], margin), Code::InvalidArgument, "options.relative_margin"));
+    let sim = proto::MineOptions { max_positive_similarity: Some(1.5), ..options(2, 1) };
+    cases.push(("positive similarity", mine_req("small", vec![text_query("x")], sim), Code::InvalidArgument, "options.max_positive_similarity"));
+    let preset = proto::MineOptions { preset: 9, ..options(2, 1) };
+    cases.push(("unknown preset", mine_req("small", vec![text_query("x")], preset), Code::InvalidArgument, "options.preset"));
+    let ce_alone = proto::MineOptions { ce_max_score: Some(0.1), ..options(2, 1) };
+    cases.push(("ce option without rerank", mine_req("small", vec![text_query("x")], ce_alone), Code::InvalidArgument, "options.ce_max_score"));
+    let rerank = proto::MineOptions { rerank: Some(true), ..options(2, 1) };
+    let too_many = proto::MineOptions { rerank_candidates: Some(257), ..rerank.clone() };
+    cases.push(("rerank candidates", mine_req("small", vec![text_query("x")], too_many), Code::InvalidArgument, "options.rerank_candidates"));
+    let mut vector_only = text_query("");
+    vector_only.vector = vec![0.1; 384];
+    cases.push(("rerank without query text", mine_req("small", vec![vector_only], rerank.clone()), Code::InvalidArgument, "queries[0].text"));
+    cases.push(("rerank without a cross-encoder", mine_req("small", vec![text_query("x")], rerank), Code::FailedPrecondition, "reranker.model_dir"));
 
     for (what, req, code, field) in cases {
         let err = client.mine(req).await.expect_err(what);
@@ -373,4 +386,144 @@ async fn crash_restart_rebuilds_the_index_from_the_store() {
     assert_eq!(ids(&after), ids(&before));
     assert!(ids(&after)[0].iter().all(|id| id != "d2"));
     assert!(server.log_text().contains("index rebuilt from the store"), "{}", server.log_text());
+}
+
+/// Reranking with a cross-encoder (the real MiniLM body under a seeded head: its scores carry
+/// no relevance, which is why every check compares with the same model run in-process) and
+/// the positive-neighbourhood filter, through the real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reranking_and_the_positive_neighbourhood_filter() {
+    use hardneg_server::encode::testing::seeded_cross_encoder;
+    use hardneg_server::encode::{BatchConfig, Encoder, Reranker};
+    let tmp = tempfile::tempdir().unwrap();
+    let ce_dir = tmp.path().join("cross-encoder");
+    std::fs::create_dir_all(&ce_dir).unwrap();
+    seeded_cross_encoder(&hardneg_tests::model_dir(), &ce_dir, 1, 42);
+    // Pairs truncated to 128 tokens keep the test quick on two cores.
+    let env = [("HARDNEG__RERANKER__MODEL_DIR", ce_dir.to_str().unwrap()), ("HARDNEG__RERANKER__MAX_TOKENS", "128")];
+    let server = Server::start_with(&tmp.path().join("data"), &env).await;
+    assert!(server.log_text().contains("cross-encoder loaded"), "{}", server.log_text());
+    let mut client = server.client().await;
+
+    // 150 Cranfield documents; queries whose judged positive is among them.
+    let docs: Vec<CorpusDoc> = beir::read_jsonl(&dataset("cranfield").join("corpus.jsonl")).unwrap();
+    let docs: Vec<proto::Document> = docs
+        .into_iter()
+        .filter(|d| !d.text.trim().is_empty())
+        .take(150)
+        .map(|d| proto::Document { id: d.id, text: d.text, title: Some(d.title).filter(|t| !t.is_empty()), metadata: Default::default() })
+        .collect();
+    let texts: HashMap<String, String> = docs
+        .iter()
+        .map(|d| (d.id.clone(), match &d.title { Some(t) => format!("{t} {}", d.text), None => d.text.clone() }))
+        .collect();
+    client.create_collection("cran150", proto::Quantization::F32).await.unwrap();
+    client.upsert("cran150", futures::stream::iter([docs])).await.unwrap();
+    let queries: Vec<Judged> = cranfield_queries().into_iter().filter(|q| texts.contains_key(&q.positive)).take(6).collect();
+    assert!(queries.len() >= 4);
+    let request = |opts: proto::MineOptions| proto::MineRequest {
+        collection: "cran150".into(),
+        batch_id: 0,
+        queries: queries
+            .iter()
+            .map(|q| proto::Query { id: q.id.clone(), text: q.text.clone(), positive_ids: vec![q.positive.clone()], ..Default::default() })
+            .collect(),
+        options: Some(opts),
+    };
+    let cfg = BatchConfig { token_budget: 8192, max_batch_texts: 64, queue_capacity: 64 };
+    let reference = Reranker::load(&ce_dir, 128, cfg).unwrap();
+    let close = |a: f32, b: f32| (a - b).abs() < 1e-4;
+
+    // An absolute threshold: every negative scores below it, ordered by the cross-encoder, and
+    // each score is the model's score of (query text, document text).
+    let rerank = proto::MineOptions { rerank: Some(true), rerank_candidates: Some(8), ..options(4, 3) };
+    let resp = client.mine(request(proto::MineOptions { ce_max_score: Some(0.6), ..rerank.clone() })).await.unwrap();
+    assert!(resp.timings.as_ref().unwrap().rerank_seconds > 0.0);
+    let mut dropped = 0;
+    for (q, r) in queries.iter().zip(&resp.results) {
+        let ces: Vec<f32> = r.negatives.iter().map(|n| n.ce_score.expect("reranked negatives carry ce_score")).collect();
+        assert!(ces.iter().all(|&c| c < 0.6), "{ces:?}");
+        assert!(ces.windows(2).all(|w| w[0] >= w[1]), "ordered by the cross-encoder: {ces:?}");
+        assert_eq!(r.negatives.len(), 4, "scored deeper until enough passed");
+        let mut pairs = vec![(q.text.clone(), texts[&q.positive].clone())];
+        pairs.extend(r.negatives.iter().map(|n| (q.text.clone(), n.text.clone())));
+        let want = reference.score(pairs).await.unwrap();
+        let pos = r.positive_ce_score.expect("the positive is scored once per query");
+        assert!(close(pos, want[0]), "positive {pos} vs {}", want[0]);
+        for (got, want) in ces.iter().zip(&want[1..]) {
+            assert!(close(*got, *want), "negative {got} vs {want}");
+        }
+        let d = r.dropped.as_ref().unwrap();
+        dropped += d.ce_score;
+        assert_eq!(d.ce_margin, 0);
+    }
+    assert!(dropped > 0, "the threshold dropped candidates");
+
+    // Relative to the positive's cross-encoder score.
+    let resp = client.mine(request(proto::MineOptions { ce_relative_margin: Some(0.1), ..rerank.clone() })).await.unwrap();
+    for r in &resp.results {
+        let limit = r.positive_ce_score.unwrap() * 0.9;
+        assert!(r.negatives.iter().all(|n| n.ce_score.unwrap() < limit + 1e-6), "below {limit}");
+    }
+    assert!(resp.results.iter().map(|r| r.dropped.as_ref().unwrap().ce_margin).sum::<u32>() > 0);
+
+    // MineStream answers reranked batches like Mine does.
+    let reqs: Vec<proto::MineRequest> = (0..2).map(|b| proto::MineRequest { batch_id: b, ..request(rerank.clone()) }).collect();
+    let unary = client.mine(request(rerank.clone())).await.unwrap();
+    let streamed: Vec<proto::MineResponse> =
+        client.mine_stream(futures::stream::iter(reqs)).await.unwrap().map(|r| r.unwrap()).collect().await;
+    assert_eq!(streamed.len(), 2);
+    for s in &streamed {
+        assert_eq!(ids(s), ids(&unary));
+    }
+
+    // The positive-neighbourhood filter: no negative is closer than the threshold to the
+    // positive (checked with the same encoder in-process), and some were dropped.
+    let encoder = Encoder::load(&hardneg_tests::model_dir(), 0, cfg).unwrap();
+    let near = proto::MineOptions { max_positive_similarity: Some(0.5), ..options(4, 3) };
+    let resp = client.mine(request(near)).await.unwrap();
+    let mut dropped = 0;
+    for (q, r) in queries.iter().zip(&resp.results) {
+        assert_eq!(r.negatives.len(), 4);
+        let mut batch = vec![texts[&q.positive].clone()];
+        batch.extend(r.negatives.iter().map(|n| n.text.clone()));
+        let v = encoder.encode(batch).await.unwrap();
+        for (n, nv) in r.negatives.iter().zip(&v[1..]) {
+            let cos: f32 = v[0].iter().zip(nv).map(|(a, b)| a * b).sum();
+            assert!(cos <= 0.5 + 1e-3, "{} is {cos} from the positive", n.id);
+        }
+        dropped += r.dropped.as_ref().unwrap().positive_similarity;
+    }
+    assert!(dropped > 0);
+
+    // The denoised preset is its documented settings, and explicit options override it.
+    let preset = client.mine(request(proto::MineOptions { preset: proto::Preset::Denoised as i32, ..options(4, 3) })).await.unwrap();
+    let explicit = proto::MineOptions {
+        relative_margin: Some(0.05),
+        max_positive_similarity: Some(0.65),
+        adaptive_depth: Some(true),
+        ..options(4, 3)
+    };
+    assert_eq!(ids(&preset), ids(&client.mine(request(explicit)).await.unwrap()));
+    let overridden = proto::MineOptions { preset: proto::Preset::Denoised as i32, relative_margin: Some(0.0), max_positive_similarity: Some(1.0), ..options(4, 3) };
+    let plain = proto::MineOptions { relative_margin: Some(0.0), ..options(4, 3) };
+    assert_eq!(ids(&client.mine(request(overridden)).await.unwrap()), ids(&client.mine(request(plain)).await.unwrap()));
+
+    // The CLI passes the same flags (eval over the same queries).
+    let query_file = tmp.path().join("queries.jsonl");
+    let lines: Vec<String> = queries.iter().map(|q| serde_json::json!({"_id": q.id, "text": q.text}).to_string()).collect();
+    std::fs::write(&query_file, lines.join("\n")).unwrap();
+    let out = Command::new(bin("hardneg"))
+        .args(["--addr", &server.addr, "eval", "--collection", "cran150", "--num-negatives", "3", "--rerank", "--rerank-candidates", "6", "--ce-max-score", "0.6", "--preset", "denoised"])
+        .arg("--queries")
+        .arg(&query_file)
+        .arg("--qrels")
+        .arg(dataset("cranfield").join("qrels/test.tsv"))
+        .output()
+        .unwrap();
+    assert!(out.status.success(), "{}", String::from_utf8_lossy(&out.stderr));
+    let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(v["dropped"]["ce_score"].as_u64().unwrap() > 0, "{v}");
+    assert!(v["dropped"]["margin"].as_u64().unwrap() > 0, "{v}");
+    server.stop(Duration::from_secs(30));
 }

@@ -91,6 +91,9 @@ enum Command {
         num_negatives: u32,
         #[arg(long, default_value_t = 32)]
         batch_size: usize,
+        /// Rerank with the server's cross-encoder, scoring this many candidates per query.
+        #[arg(long)]
+        rerank_candidates: Option<u32>,
     },
 }
 
@@ -116,9 +119,21 @@ enum SamplingFlag {
     Softmax,
 }
 
-/// Mining options, named after their proto fields.
+#[derive(Clone, Copy, PartialEq, ValueEnum)]
+enum PresetFlag {
+    /// Only the options given.
+    None,
+    /// relative_margin 0.05, max_positive_similarity and adaptive depth (see README).
+    Denoised,
+}
+
+/// Mining options, named after their proto fields. Unset options take the preset's value,
+/// then the server's default.
 #[derive(Args, Clone)]
 struct MineFlags {
+    /// Settings to start from; the flags given here override them.
+    #[arg(long, value_enum, default_value_t = PresetFlag::None)]
+    preset: PresetFlag,
     #[arg(long, default_value_t = 5)]
     num_negatives: u32,
     #[arg(long, default_value_t = 0)]
@@ -139,10 +154,27 @@ struct MineFlags {
     temperature: Option<f32>,
     #[arg(long)]
     seed: Option<u64>,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    adaptive_depth: bool,
-    #[arg(long, default_value_t = true, action = clap::ArgAction::Set)]
-    exclude_batch_positives: bool,
+    /// Search deeper when filters leave too few (server default: true).
+    #[arg(long, action = clap::ArgAction::Set)]
+    adaptive_depth: Option<bool>,
+    /// Exclude the batch's other positives (server default: true).
+    #[arg(long, action = clap::ArgAction::Set)]
+    exclude_batch_positives: Option<bool>,
+    /// Drop candidates whose cosine similarity to one of the query's positives is above this.
+    #[arg(long)]
+    max_positive_similarity: Option<f32>,
+    /// Score candidates with the server's cross-encoder; filter, order and sample by it.
+    #[arg(long)]
+    rerank: bool,
+    /// Candidates scored per query (default 3 x num-negatives).
+    #[arg(long, requires = "rerank")]
+    rerank_candidates: Option<u32>,
+    /// Drop candidates whose cross-encoder probability is at least this.
+    #[arg(long, requires = "rerank")]
+    ce_max_score: Option<f32>,
+    /// Drop candidates whose cross-encoder probability is at least the positive's x (1 - m).
+    #[arg(long, requires = "rerank")]
+    ce_relative_margin: Option<f32>,
     /// Queries per Mine request.
     #[arg(long, default_value_t = 32)]
     batch_size: usize,
@@ -165,9 +197,18 @@ impl MineFlags {
             } as i32,
             temperature: self.temperature,
             seed: self.seed,
-            adaptive_depth: Some(self.adaptive_depth),
-            exclude_batch_positives: Some(self.exclude_batch_positives),
+            adaptive_depth: self.adaptive_depth,
+            exclude_batch_positives: self.exclude_batch_positives,
             return_text,
+            preset: match self.preset {
+                PresetFlag::None => proto::Preset::Unspecified,
+                PresetFlag::Denoised => proto::Preset::Denoised,
+            } as i32,
+            rerank: self.rerank.then_some(true),
+            rerank_candidates: self.rerank_candidates,
+            ce_max_score: self.ce_max_score,
+            ce_relative_margin: self.ce_relative_margin,
+            max_positive_similarity: self.max_positive_similarity,
         }
     }
 }
@@ -271,6 +312,7 @@ fn drop_json(d: &Option<proto::DropCounts>) -> serde_json::Value {
     json!({
         "positive": d.positive, "duplicate_text": d.duplicate_text, "batch_positive": d.batch_positive,
         "window": d.window, "score_bound": d.score_bound, "margin": d.margin,
+        "positive_similarity": d.positive_similarity, "ce_score": d.ce_score, "ce_margin": d.ce_margin,
     })
 }
 
@@ -370,13 +412,14 @@ async fn mine(
             let negatives: Vec<serde_json::Value> = r
                 .negatives
                 .iter()
-                .map(|n| json!({"id": n.id, "text": n.text, "score": n.score, "rank": n.rank}))
+                .map(|n| json!({"id": n.id, "text": n.text, "score": n.score, "rank": n.rank, "ce_score": n.ce_score}))
                 .collect();
             writeln!(
                 out,
                 "{}",
                 json!({"query_id": q.id, "query": q.text, "positive_id": q.positive_id, "negatives": negatives,
-                       "dropped": drop_json(&r.dropped), "depth": r.depth, "positive_score": r.positive_score})
+                       "dropped": drop_json(&r.dropped), "depth": r.depth, "positive_score": r.positive_score,
+                       "positive_ce_score": r.positive_ce_score})
             )?;
         }
     }
@@ -389,7 +432,22 @@ async fn eval(client: &mut Client, collection: &str, queries: &PathBuf, qrels: &
     let results = mine_all(client, collection, &inputs, opts.options(false), opts.batch_size).await?;
     let (mut returned, mut leaked, mut with_leak, mut full) = (0usize, 0usize, 0usize, 0usize);
     let (mut score_sum, mut ratio_sum, mut ratio_n, mut depth_sum, mut rank_sum) = (0f64, 0f64, 0usize, 0f64, 0f64);
+    let mut dropped = proto::DropCounts::default();
     for (q, r) in inputs.iter().zip(&results) {
+        let d = r.dropped.clone().unwrap_or_default();
+        for (acc, v) in [
+            (&mut dropped.positive, d.positive),
+            (&mut dropped.duplicate_text, d.duplicate_text),
+            (&mut dropped.batch_positive, d.batch_positive),
+            (&mut dropped.window, d.window),
+            (&mut dropped.score_bound, d.score_bound),
+            (&mut dropped.margin, d.margin),
+            (&mut dropped.positive_similarity, d.positive_similarity),
+            (&mut dropped.ce_score, d.ce_score),
+            (&mut dropped.ce_margin, d.ce_margin),
+        ] {
+            *acc += v;
+        }
         let positive = q.positive_id.as_deref().expect("BEIR queries carry a positive");
         let hidden: HashSet<&str> = judgments[&q.id].relevant().filter(|d| *d != positive).collect();
         let leaks = r.negatives.iter().filter(|n| hidden.contains(n.id.as_str())).count();
@@ -421,6 +479,7 @@ async fn eval(client: &mut Client, collection: &str, queries: &PathBuf, qrels: &
             "mean_neg_over_pos": if ratio_n == 0 { 0.0 } else { ratio_sum / ratio_n as f64 },
             "mean_neg_rank": per_neg(rank_sum),
             "mean_depth": depth_sum / n,
+            "dropped": drop_json(&Some(dropped)),
         })
     );
     Ok(())
@@ -434,13 +493,21 @@ fn percentile(sorted: &[f64], p: f64) -> f64 {
     sorted[i]
 }
 
-async fn bench(client: &mut Client, collection: &str, queries: &PathBuf, iterations: usize, k: u32, batch: usize) -> anyhow::Result<()> {
+async fn bench(
+    client: &mut Client,
+    collection: &str,
+    queries: &PathBuf,
+    iterations: usize,
+    k: u32,
+    batch: usize,
+    rerank_candidates: Option<u32>,
+) -> anyhow::Result<()> {
     let qs: Vec<BeirQuery> = beir::read_jsonl(queries)?;
     if qs.is_empty() {
         bail!("{}: no queries", queries.display());
     }
     let mut latencies = Vec::with_capacity(iterations);
-    let mut stages = [0f64; 4];
+    let mut stages = [0f64; 5];
     for it in 0..iterations + 2 {
         let req = proto::MineRequest {
             collection: collection.into(),
@@ -451,7 +518,13 @@ async fn bench(client: &mut Client, collection: &str, queries: &PathBuf, iterati
                     proto::Query { id: q.id.clone(), text: q.text.clone(), ..Default::default() }
                 })
                 .collect(),
-            options: Some(proto::MineOptions { num_negatives: k, seed: Some(it as u64), ..Default::default() }),
+            options: Some(proto::MineOptions {
+                num_negatives: k,
+                seed: Some(it as u64),
+                rerank: rerank_candidates.map(|_| true),
+                rerank_candidates,
+                ..Default::default()
+            }),
         };
         let started = Instant::now();
         let resp = client.mine(req).await?;
@@ -461,7 +534,7 @@ async fn bench(client: &mut Client, collection: &str, queries: &PathBuf, iterati
         }
         latencies.push(elapsed);
         let t = resp.timings.unwrap_or_default();
-        for (acc, v) in stages.iter_mut().zip([t.encode_seconds, t.search_seconds, t.filter_seconds, t.total_seconds]) {
+        for (acc, v) in stages.iter_mut().zip([t.encode_seconds, t.search_seconds, t.filter_seconds, t.total_seconds, t.rerank_seconds]) {
             *acc += v;
         }
     }
@@ -470,10 +543,11 @@ async fn bench(client: &mut Client, collection: &str, queries: &PathBuf, iterati
     println!(
         "{}",
         json!({
-            "batch_queries": batch, "num_negatives": k, "iterations": iterations,
+            "batch_queries": batch, "num_negatives": k, "iterations": iterations, "rerank_candidates": rerank_candidates,
             "p50_ms": percentile(&latencies, 0.5) * 1e3, "p99_ms": percentile(&latencies, 0.99) * 1e3,
             "server_share": {"encode": stages[0] / total, "search": stages[1] / total, "filter": stages[2] / total,
-                             "other": (total - stages[0] - stages[1] - stages[2]) / total},
+                             "rerank": stages[4] / total,
+                             "other": (total - stages[0] - stages[1] - stages[2] - stages[4]) / total},
         })
     );
     Ok(())
@@ -506,8 +580,8 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             let dropped = client.drop_collection(&collection).await?;
             println!("{}", json!({"collection": collection, "dropped": dropped}));
         }
-        Command::Bench { collection, queries, iterations, num_negatives, batch_size } => {
-            bench(&mut client, &collection, &queries, iterations, num_negatives, batch_size).await?
+        Command::Bench { collection, queries, iterations, num_negatives, batch_size, rerank_candidates } => {
+            bench(&mut client, &collection, &queries, iterations, num_negatives, batch_size, rerank_candidates).await?
         }
     }
     Ok(true)

@@ -228,7 +228,7 @@ pub fn validate_mine(req: &pb::MineRequest, cfg: &Config) -> Result<MineParams> 
 /// TopK-PercPos), candidates more similar than MAX_POSITIVE_SIMILARITY to a positive dropped,
 /// and adaptive depth so the filters do not cost yield. Fields the request sets win.
 pub const DENOISED_RELATIVE_MARGIN: f32 = 0.05;
-pub const DENOISED_MAX_POSITIVE_SIMILARITY: f32 = 0.75;
+pub const DENOISED_MAX_POSITIVE_SIMILARITY: f32 = 0.65;
 
 fn apply_denoised(o: &mut pb::MineOptions) {
     o.relative_margin.get_or_insert(DENOISED_RELATIVE_MARGIN);

@@ -402,6 +402,120 @@ mod tests {
     }
 
     #[test]
+    fn positive_neighbourhood_drops_candidates_close_to_a_positive() {
+        let mut c = cands(10);
+        // Similarity to the nearest positive: key i -> 0.95 - i/10.
+        for (i, cand) in c.iter_mut().enumerate() {
+            cand.positive_similarity = Some(0.95 - i as f32 / 10.0);
+        }
+        c[9].positive_similarity = None; // no vector: never dropped by this filter
+        let f = Filters { max_positive_similarity: Some(0.6), ..filters() };
+        let sel = select(&c, &QueryContext::default(), &f, 10);
+        // 0.95, 0.85, 0.75, 0.65 are above 0.6; 0.55 and below stay.
+        assert_eq!(keys(&sel), vec![4, 5, 6, 7, 8, 9]);
+        assert_eq!(sel.dropped.positive_similarity, 4);
+        assert_eq!(sel.survivors[0].rank, 4, "dropped candidates keep their ranks");
+        // Combined with a margin: the margin is counted first.
+        let ctx = QueryContext { positive_score: Some(1.0), ..Default::default() };
+        let f = Filters { absolute_margin: Some(0.015), ..f };
+        let sel = select(&c, &ctx, &f, 10);
+        assert_eq!(sel.dropped.margin, 2, "scores 1.00 and 0.99");
+        assert_eq!(sel.dropped.positive_similarity, 2);
+        assert_eq!(keys(&sel), vec![4, 5, 6, 7, 8, 9]);
+        assert!(select(&c, &QueryContext::default(), &filters(), 10).dropped.positive_similarity == 0, "off by default");
+    }
+
+    /// A deterministic cross-encoder: key k scores ce(k).
+    fn ce(k: u64) -> f32 {
+        [0.9, 0.2, 0.05, 0.6, 0.3, 0.01, 0.8, 0.4, 0.15, 0.5][k as usize % 10]
+    }
+
+    fn rerank_filters(candidates: usize) -> RerankFilters {
+        RerankFilters { candidates, max_scored: 100, max_score: None, relative_margin: None }
+    }
+
+    /// Scores what the state asks for, as the engine does, until nothing is left to score.
+    fn score_all(state: &mut RerankState, sel: &Selection, f: &RerankFilters, wanted: usize) -> Reranked {
+        loop {
+            for k in state.unscored(sel) {
+                state.scores.insert(k, ce(k));
+            }
+            let passed = state.apply(sel, f).survivors.len();
+            if !state.widen(sel, passed, wanted, f) {
+                return state.apply(sel, f);
+            }
+        }
+    }
+
+    #[test]
+    fn rerank_scores_the_best_ranked_survivors_and_orders_by_the_cross_encoder() {
+        let sel = select(&cands(10), &QueryContext::default(), &filters(), 10);
+        let f = rerank_filters(5);
+        let mut state = RerankState::new(&f);
+        assert_eq!(state.unscored(&sel), vec![0, 1, 2, 3, 4], "the first rerank_candidates survivors");
+        let r = score_all(&mut state, &sel, &f, 3);
+        assert_eq!(state.scores.len(), 5, "enough passed: nothing deeper scored");
+        assert_eq!(r.survivors.iter().map(|s| s.key).collect::<Vec<_>>(), vec![0, 3, 4, 1, 2]);
+        assert_eq!(r.survivors[1].ce, Some(0.6));
+        assert_eq!(r.survivors[1].score, 0.97, "the bi-encoder score is kept");
+        assert_eq!(r.survivors[1].rank, 3);
+    }
+
+    #[test]
+    fn rerank_thresholds_alone_and_combined() {
+        let sel = select(&cands(10), &QueryContext::default(), &filters(), 10);
+        let run = |max_score, relative_margin, positive_ce| {
+            let f = RerankFilters { candidates: 10, max_scored: 100, max_score, relative_margin };
+            let mut state = RerankState::new(&f);
+            state.positive_ce = positive_ce;
+            let r = score_all(&mut state, &sel, &f, 1);
+            let mut kept: Vec<u64> = r.survivors.iter().map(|s| s.key).collect();
+            kept.sort_unstable();
+            (kept, r.dropped_score, r.dropped_margin)
+        };
+        // RocketQA-style absolute threshold: drop ce >= 0.5.
+        assert_eq!(run(Some(0.5), None, None), (vec![1, 2, 4, 5, 7, 8], 4, 0));
+        // Relative to the positive's 0.5: drop ce >= 0.5 * (1 - 0.2) = 0.4.
+        assert_eq!(run(None, Some(0.2), Some(0.5)), (vec![1, 2, 4, 5, 8], 0, 5));
+        // Without a positive score the margin does nothing.
+        assert_eq!(run(None, Some(0.2), None).0.len(), 10);
+        // Both: the absolute threshold is counted first.
+        assert_eq!(run(Some(0.7), Some(0.5), Some(0.6)), (vec![1, 2, 5, 8], 2, 4));
+    }
+
+    #[test]
+    fn rerank_scores_deeper_then_searches_deeper_when_the_filter_leaves_too_few() {
+        // 40 candidates; the cross-encoder passes only keys with ce < 0.1 (k % 10 in {2, 5}).
+        let c = cands(40);
+        let f = RerankFilters { candidates: 4, max_scored: 100, max_score: Some(0.1), relative_margin: None };
+        let mut plan = DepthPlan::initial(10, 0);
+        let mut state = RerankState::new(&f);
+        let mut searches = 0;
+        let (sel, r) = loop {
+            searches += 1;
+            let hits = &c[..plan.search_depth.min(c.len())];
+            let sel = select(hits, &QueryContext::default(), &filters(), plan.window_end);
+            let r = score_all(&mut state, &sel, &f, 5);
+            match plan.next(&sel, r.survivors.len(), hits.len(), c.len(), 5, true, 1000) {
+                Some(next) => plan = next,
+                None => break (sel, r),
+            }
+        };
+        assert_eq!(r.survivors.iter().map(|s| s.key).collect::<Vec<_>>(), vec![2, 12, 22, 5, 15], "hardest (highest probability) first, rank order on ties");
+        assert_eq!(plan.window_end, 40, "10 -> 20 -> 40");
+        assert!(searches >= 3);
+        assert_eq!(state.scores.len(), sel.survivors.len().min(state.budget));
+        assert_eq!(r.dropped_score as usize + r.survivors.len(), state.scores.len());
+        // Never more than max_scored pairs per query.
+        let capped = RerankFilters { max_scored: 6, ..f.clone() };
+        let mut state = RerankState::new(&capped);
+        let sel = select(&c, &QueryContext::default(), &filters(), 40);
+        let r = score_all(&mut state, &sel, &capped, 5);
+        assert_eq!(state.scores.len(), 6);
+        assert_eq!(r.survivors.iter().map(|s| s.key).collect::<Vec<_>>(), vec![2, 5]);
+    }
+
+    #[test]
     fn deeper_search_when_exclusions_eat_the_slack() {
         let c = cands(100);
         let ctx = QueryContext { positive_keys: (0..30).collect(), ..Default::default() };
