@@ -1,18 +1,22 @@
 //! Benchmarks of the pipeline's stages, each reported beside a baseline measured in the same
 //! run: encoder tokens/s (batched by length vs a plain unsorted forward pass), search
-//! queries/s (HNSW vs exact) on 100k vectors, and Mine latency with the share of each stage on
-//! Cranfield and on 100k documents.
+//! queries/s (HNSW vs exact) on 100k vectors, cross-encoder pairs/s (batched by length vs a
+//! plain forward pass; the all-MiniLM-L6-v2 body under a seeded head, which costs what a
+//! MiniLM-L6 cross-encoder costs), and Mine latency with the share of each stage on Cranfield
+//! (with and without reranking) and on 100k documents.
 //!
 //! `cargo bench -p hardneg-server --bench pipeline` (needs scripts/fetch-models and
-//! ../shared/datasets). HARDNEG_BENCH=encode,search,mine picks parts; HARDNEG_BENCH_DOCS sets
-//! the large collection's size (default 100000).
+//! ../shared/datasets). HARDNEG_BENCH=encode,search,rerank,mine picks parts;
+//! HARDNEG_BENCH_DOCS sets the large collection's size (default 100000).
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Instant;
 
 use hardneg_server::config::{Config, Overrides};
 use hardneg_server::encode::bert::BertEmbedder;
-use hardneg_server::encode::{BatchConfig, EmbedModel, Encoder};
+use hardneg_server::encode::cross::CrossEncoderModel;
+use hardneg_server::encode::testing::seeded_cross_encoder;
+use hardneg_server::encode::{BatchConfig, EmbedModel, Encoder, Reranker};
 use hardneg_server::engine::Engine;
 use hardneg_server::index::{Metric, Quantization, VectorIndex};
 use hardneg_server::proto as pb;
@@ -101,6 +105,53 @@ fn bench_encoder(rt: &tokio::runtime::Runtime) {
     }
 }
 
+/// A MiniLM-L6 cross-encoder checkpoint (real body, seeded head) in a temporary directory.
+fn cross_encoder_dir() -> tempfile::TempDir {
+    let dir = tempfile::tempdir().unwrap();
+    seeded_cross_encoder(&model_dir(), dir.path(), 1, 42);
+    dir
+}
+
+/// (query, document) pairs: each Cranfield query with 24 documents.
+fn cranfield_pairs(n: usize) -> Vec<(String, String)> {
+    let docs: Vec<String> = cranfield_docs().iter().map(StoredDoc::encoded_text).collect();
+    let queries = read_lines(dataset("cranfield").join("queries.jsonl"));
+    (0..n).map(|i| (queries[(i / 24) % queries.len()].text.clone(), docs[(i * 61) % docs.len()].clone())).collect()
+}
+
+fn bench_rerank(rt: &tokio::runtime::Runtime) {
+    let dir = cross_encoder_dir();
+    let pairs = cranfield_pairs(768);
+    println!("\n## cross-encoder: MiniLM-L6 body + classification head, {} Cranfield (query, document) pairs, batch 32", pairs.len());
+    println!("| max length | plain forward, file order (pairs/s) | hardneg reranker (pairs/s) | ratio | hardneg tokens/s | mean tokens/pair |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    for max_len in [128usize, 256] {
+        let cfg = BatchConfig { token_budget: 32 * max_len, max_batch_texts: 32, queue_capacity: 64 };
+        let reranker = Reranker::load(dir.path(), max_len, cfg).unwrap();
+        let tokenized = reranker.tokenize_pairs(&pairs).unwrap();
+        let tokens: usize = tokenized.iter().map(|t| t.ids.len()).sum();
+
+        let mut plain = CrossEncoderModel::load(dir.path(), max_len, &candle_core::Device::Cpu).unwrap().model;
+        let started = Instant::now();
+        for chunk in tokenized.chunks(32) {
+            let refs: Vec<_> = chunk.iter().collect();
+            plain.embed(&refs).unwrap();
+        }
+        let base = pairs.len() as f64 / started.elapsed().as_secs_f64();
+
+        let started = Instant::now();
+        rt.block_on(reranker.score(pairs.clone())).unwrap();
+        let secs = started.elapsed().as_secs_f64();
+        let ours = pairs.len() as f64 / secs;
+        println!(
+            "| {max_len} | {base:.1} | {ours:.1} | {:.2}x | {:.0} | {:.0} |",
+            ours / base,
+            tokens as f64 / secs,
+            tokens as f64 / pairs.len() as f64
+        );
+    }
+}
+
 /// Clustered unit vectors: recall means something on them, unlike uniform noise.
 fn clustered(n: usize, dims: usize, clusters: usize, rng: &mut ChaCha8Rng) -> Vec<Vec<f32>> {
     let centers: Vec<Vec<f32>> = (0..clusters).map(|_| (0..dims).map(|_| rng.random_range(-1.0f32..1.0)).collect()).collect();
@@ -150,10 +201,17 @@ fn bench_search(rt: &tokio::runtime::Runtime, cfg: &Config, n: usize) {
     println!("| {exact_qps:.0} | {hnsw_qps:.0} | {:.1}x | {recall:.3} | {:.0} |", hnsw_qps / exact_qps, n as f64 / build);
 }
 
-fn mine_latency(rt: &tokio::runtime::Runtime, engine: &Engine, collection: &str, queries: &[(String, Option<String>)], label: &str) {
-    let iterations = 30;
+fn mine_latency(
+    rt: &tokio::runtime::Runtime,
+    engine: &Engine,
+    collection: &str,
+    queries: &[(String, Option<String>)],
+    label: &str,
+    rerank_candidates: Option<u32>,
+) {
+    let iterations = if rerank_candidates.is_some() { 8 } else { 30 };
     let mut latencies = Vec::new();
-    let mut stages = [0f64; 4];
+    let mut stages = [0f64; 5];
     for it in 0..iterations + 2 {
         let req = pb::MineRequest {
             collection: collection.into(),
@@ -164,7 +222,13 @@ fn mine_latency(rt: &tokio::runtime::Runtime, engine: &Engine, collection: &str,
                     pb::Query { text: text.clone(), positive_ids: positive.iter().cloned().collect(), ..Default::default() }
                 })
                 .collect(),
-            options: Some(pb::MineOptions { num_negatives: 8, seed: Some(it as u64), ..Default::default() }),
+            options: Some(pb::MineOptions {
+                num_negatives: 8,
+                seed: Some(it as u64),
+                rerank: rerank_candidates.map(|_| true),
+                rerank_candidates,
+                ..Default::default()
+            }),
         };
         let params = hardneg_server::api::validate_mine(&req, &engine.cfg).unwrap();
         let started = Instant::now();
@@ -175,21 +239,22 @@ fn mine_latency(rt: &tokio::runtime::Runtime, engine: &Engine, collection: &str,
         }
         latencies.push(elapsed);
         let t = resp.timings.unwrap();
-        for (acc, v) in stages.iter_mut().zip([t.encode_seconds, t.search_seconds, t.filter_seconds, t.total_seconds]) {
+        for (acc, v) in stages.iter_mut().zip([t.encode_seconds, t.search_seconds, t.filter_seconds, t.total_seconds, t.rerank_seconds]) {
             *acc += v;
         }
     }
     latencies.sort_by(f64::total_cmp);
     let total = stages[3];
     println!(
-        "| {label} | {:.1} | {:.1} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.1}% |",
+        "| {label} | {:.1} | {:.1} | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.1}% | {:.1}% |",
         percentile(&latencies, 0.5) * 1e3,
         percentile(&latencies, 0.99) * 1e3,
         100.0 * stages[0] / total,
         100.0 * stages[1] / total,
         100.0 * stages[2] / total,
-        100.0 * (total - stages[0] - stages[1] - stages[2]) / total,
-        100.0 * (total - stages[0]) / total,
+        100.0 * stages[4] / total,
+        100.0 * (total - stages[0] - stages[1] - stages[2] - stages[4]) / total,
+        100.0 * (total - stages[0] - stages[4]) / total,
     );
 }
 
@@ -200,7 +265,9 @@ fn bench_mine(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
     let cfg = Arc::new(cfg);
     let batch = BatchConfig { token_budget: cfg.encoder.token_budget, max_batch_texts: cfg.encoder.max_batch_texts, queue_capacity: 1024 };
     let encoder = Encoder::load(&cfg.encoder.model_dir, cfg.encoder.max_tokens, batch).unwrap();
-    let engine = Engine::open(cfg.clone(), encoder, None).unwrap();
+    let ce_dir = cross_encoder_dir();
+    let reranker = Reranker::load(ce_dir.path(), 256, batch).unwrap();
+    let engine = Engine::open(cfg.clone(), encoder, Some(reranker)).unwrap();
 
     let qrels = std::fs::read_to_string(dataset("cranfield").join("qrels/test.tsv")).unwrap();
     let mut positive: std::collections::HashMap<String, (String, f64)> = std::collections::HashMap::new();
@@ -246,11 +313,12 @@ fn bench_mine(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
     let load = started.elapsed().as_secs_f64();
     println!("\n## Mine: 32 text queries (Cranfield), 8 negatives, top sampling, default options");
     println!("(Cranfield ingest through the encoder: {:.1} docs/s; {n} precomputed vectors stored and indexed: {:.0} docs/s)", 1398.0 / ingest, n as f64 / load);
-    println!("| collection | p50 ms | p99 ms | encode | search | filter+sample | other | all but encode |");
-    println!("| --- | --- | --- | --- | --- | --- | --- | --- |");
-    mine_latency(rt, &engine, "cranfield", &queries, "Cranfield, 1398 docs (exact search)");
+    println!("| collection | p50 ms | p99 ms | encode | search | filter+sample | rerank | other | all but encode and rerank |");
+    println!("| --- | --- | --- | --- | --- | --- | --- | --- | --- |");
+    mine_latency(rt, &engine, "cranfield", &queries, "Cranfield, 1398 docs (exact search)", None);
+    mine_latency(rt, &engine, "cranfield", &queries, "Cranfield, rerank 24 candidates/query (256 tokens)", Some(24));
     let no_positives: Vec<(String, Option<String>)> = queries.iter().map(|(t, _)| (t.clone(), None)).collect();
-    mine_latency(rt, &engine, "synthetic", &no_positives, &format!("synthetic, {n} docs (HNSW)"));
+    mine_latency(rt, &engine, "synthetic", &no_positives, &format!("synthetic, {n} docs (HNSW)"), None);
 }
 
 fn main() {
@@ -264,6 +332,9 @@ fn main() {
     }
     if part("search") {
         bench_search(&rt, &cfg, n);
+    }
+    if part("rerank") {
+        bench_rerank(&rt);
     }
     if part("mine") {
         bench_mine(&rt, cfg, n);

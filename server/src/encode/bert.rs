@@ -2,7 +2,7 @@
 //! `1_Pooling/config.json` names (mean by default), then L2 normalization.
 use std::path::Path;
 
-use candle_core::{D, DType, Device, Tensor};
+use candle_core::{D, DType, Device};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::Config as BertConfig;
 use serde::Deserialize;
@@ -10,7 +10,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use super::body::BertBody;
-use super::{EmbedModel, EncodeError, EncoderInfo, TokenizedText};
+use super::{EmbedModel, EncodeError, EncoderInfo, TokenizedText, padded_batch};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pooling {
@@ -135,20 +135,7 @@ impl BertEmbedder {
     }
 
     fn forward(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
-        let n = batch.len();
-        let mut ids = vec![0u32; n * len];
-        let mut types = vec![0u32; n * len];
-        let mut mask = vec![0u32; n * len];
-        for (row, text) in batch.iter().enumerate() {
-            let at = row * len;
-            ids[at..at + text.ids.len()].copy_from_slice(&text.ids);
-            types[at..at + text.type_ids.len()].copy_from_slice(&text.type_ids);
-            mask[at..at + text.ids.len()].fill(1);
-        }
-        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
-        let types = Tensor::from_vec(types, (n, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let (ids, types, mask) = padded_batch(batch, 0, &self.device)?;
         let hidden = self.model.forward(&ids, &types, &mask)?; // (n, len, dims)
         let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, len, 1)
         let pooled = match self.pooling {
@@ -188,6 +175,7 @@ mod tests {
     use super::super::testing::{tiny_model, real_model_dir};
     use super::super::{BatchConfig, Encoder};
     use super::*;
+    use candle_core::Tensor;
 
     fn cos(a: &[f32], b: &[f32]) -> f32 {
         let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();

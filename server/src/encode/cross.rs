@@ -6,7 +6,7 @@
 //! label 1 is "relevant".
 use std::path::Path;
 
-use candle_core::{DType, Device, Module, Tensor};
+use candle_core::{DType, Device, Module};
 use candle_nn::{Linear, VarBuilder};
 use candle_transformers::models::bert::Config as BertConfig;
 use candle_transformers::models::xlm_roberta::{Config as XlmRobertaConfig, XLMRobertaForSequenceClassification};
@@ -15,7 +15,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use super::body::BertBody;
-use super::{EmbedModel, EncodeError, TokenizedText};
+use super::{EmbedModel, EncodeError, TokenizedText, padded_batch};
 
 /// What identifies a cross-encoder, for logs and responses.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -152,20 +152,7 @@ impl CrossEncoderModel {
     }
 
     fn forward(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
-        let n = batch.len();
-        let mut ids = vec![self.pad_id; n * len];
-        let mut types = vec![0u32; n * len];
-        let mut mask = vec![0u32; n * len];
-        for (row, text) in batch.iter().enumerate() {
-            let at = row * len;
-            ids[at..at + text.ids.len()].copy_from_slice(&text.ids);
-            types[at..at + text.type_ids.len()].copy_from_slice(&text.type_ids);
-            mask[at..at + text.ids.len()].fill(1);
-        }
-        let ids = Tensor::from_vec(ids, (n, len), &self.device)?;
-        let types = Tensor::from_vec(types, (n, len), &self.device)?;
-        let mask = Tensor::from_vec(mask, (n, len), &self.device)?;
+        let (ids, types, mask) = padded_batch(batch, self.pad_id, &self.device)?;
         let logits = match &self.arch {
             Arch::Bert { body, pooler, classifier } => {
                 let hidden = body.forward(&ids, &types, &mask)?;

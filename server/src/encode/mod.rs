@@ -35,6 +35,36 @@ pub struct TokenizedText {
     pub type_ids: Vec<u32>,
 }
 
+/// A batch as model inputs, each (texts, longest) u32: token ids (padding with `pad_id`),
+/// token type ids, and the attention mask (1 for tokens, 0 for padding).
+pub fn padded_batch(
+    batch: &[&TokenizedText],
+    pad_id: u32,
+    device: &candle_core::Device,
+) -> candle_core::Result<(candle_core::Tensor, candle_core::Tensor, candle_core::Tensor)> {
+    let len = batch.iter().map(|t| t.ids.len()).max().unwrap_or(0).max(1);
+    let n = batch.len();
+    let mut ids = vec![pad_id; n * len];
+    let mut types = vec![0u32; n * len];
+    let mut mask = vec![0u32; n * len];
+    for (row, text) in batch.iter().enumerate() {
+        let at = row * len;
+        ids[at..at + text.ids.len()].copy_from_slice(&text.ids);
+        types[at..at + text.type_ids.len()].copy_from_slice(&text.type_ids);
+        mask[at..at + text.ids.len()].fill(1);
+    }
+    let tensor = |v: Vec<u32>| candle_core::Tensor::from_vec(v, (n, len), device);
+    Ok((tensor(ids)?, tensor(types)?, tensor(mask)?))
+}
+
+/// Tokenizer output as model input.
+fn tokenized(encodings: Vec<tokenizers::Encoding>) -> Vec<TokenizedText> {
+    encodings
+        .into_iter()
+        .map(|e| TokenizedText { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })
+        .collect()
+}
+
 /// A model over tokenized texts: a batch in, one output vector per text out (a bi-encoder's
 /// L2-normalized embedding, a cross-encoder's logits). Implementations pad the batch
 /// themselves and run synchronously on the caller's thread.
@@ -98,10 +128,7 @@ impl Encoder {
             .tokenizer
             .encode_batch(inputs, true)
             .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| TokenizedText { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })
-            .collect())
+        Ok(tokenized(encodings))
     }
 
     /// Encodes texts into L2-normalized vectors, in order. Tokenization runs off the async
@@ -168,10 +195,7 @@ impl Reranker {
             .tokenizer
             .encode_batch(inputs, true)
             .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
-        Ok(encodings
-            .into_iter()
-            .map(|e| TokenizedText { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })
-            .collect())
+        Ok(tokenized(encodings))
     }
 
     /// Each pair's logits, in order; pairs from concurrent callers share model batches.
