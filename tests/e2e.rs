@@ -52,6 +52,7 @@ fn batches(queries: &[Judged], size: usize, opts: &proto::MineOptions) -> Vec<pr
                 })
                 .collect(),
             options: Some(opts.clone()),
+            min_generation: None,
         })
         .collect()
 }
@@ -229,7 +230,7 @@ async fn small_collection(client: &mut Client, name: &str) {
 }
 
 fn mine_req(collection: &str, queries: Vec<proto::Query>, opts: proto::MineOptions) -> proto::MineRequest {
-    proto::MineRequest { collection: collection.into(), batch_id: 0, queries, options: Some(opts) }
+    proto::MineRequest { collection: collection.into(), batch_id: 0, queries, options: Some(opts), min_generation: None }
 }
 
 fn text_query(text: &str) -> proto::Query {
@@ -415,7 +416,7 @@ async fn reranking_and_the_positive_neighbourhood_filter() {
         .collect();
     let texts: HashMap<String, String> = docs
         .iter()
-        .map(|d| (d.id.clone(), match &d.title { Some(t) => format!("{t} {}", d.text), None => d.text.clone() }))
+        .map(|d| (d.id.clone(), match d.title.as_deref().map(str::trim) { Some(t) if !t.is_empty() => format!("{t} {}", d.text), _ => d.text.clone() }))
         .collect();
     client.create_collection("cran150", proto::Quantization::F32).await.unwrap();
     client.upsert("cran150", futures::stream::iter([docs])).await.unwrap();
@@ -429,6 +430,7 @@ async fn reranking_and_the_positive_neighbourhood_filter() {
             .map(|q| proto::Query { id: q.id.clone(), text: q.text.clone(), positive_ids: vec![q.positive.clone()], ..Default::default() })
             .collect(),
         options: Some(opts),
+        min_generation: None,
     };
     let cfg = BatchConfig { token_budget: 8192, max_batch_texts: 64, queue_capacity: 64 };
     let reference = Reranker::load(&ce_dir, 128, cfg).unwrap();
@@ -445,14 +447,12 @@ async fn reranking_and_the_positive_neighbourhood_filter() {
         assert!(ces.iter().all(|&c| c < 0.6), "{ces:?}");
         assert!(ces.windows(2).all(|w| w[0] >= w[1]), "ordered by the cross-encoder: {ces:?}");
         assert_eq!(r.negatives.len(), 4, "scored deeper until enough passed");
-        let mut pairs = vec![(q.text.clone(), texts[&q.positive].clone())];
-        pairs.extend(r.negatives.iter().map(|n| (q.text.clone(), n.text.clone())));
+        let pairs: Vec<(String, String)> = r.negatives.iter().map(|n| (q.text.clone(), n.text.clone())).collect();
         let want = reference.score(pairs).await.unwrap();
-        let pos = r.positive_ce_score.expect("the positive is scored once per query");
-        assert!(close(pos, want[0]), "positive {pos} vs {}", want[0]);
-        for (got, want) in ces.iter().zip(&want[1..]) {
+        for (got, want) in ces.iter().zip(&want) {
             assert!(close(*got, *want), "negative {got} vs {want}");
         }
+        assert_eq!(r.positive_ce_score, None, "positives are scored only for ce_relative_margin");
         let d = r.dropped.as_ref().unwrap();
         dropped += d.ce_score;
         assert_eq!(d.ce_margin, 0);
@@ -461,8 +461,11 @@ async fn reranking_and_the_positive_neighbourhood_filter() {
 
     // Relative to the positive's cross-encoder score.
     let resp = client.mine(request(proto::MineOptions { ce_relative_margin: Some(0.1), ..rerank.clone() })).await.unwrap();
-    for r in &resp.results {
-        let limit = r.positive_ce_score.unwrap() * 0.9;
+    for (q, r) in queries.iter().zip(&resp.results) {
+        let pos = r.positive_ce_score.expect("the positive is scored once per query");
+        let want = reference.score(vec![(q.text.clone(), texts[&q.positive].clone())]).await.unwrap();
+        assert!(close(pos, want[0]), "positive {pos} vs {}", want[0]);
+        let limit = pos * 0.9;
         assert!(r.negatives.iter().all(|n| n.ce_score.unwrap() < limit + 1e-6), "below {limit}");
     }
     assert!(resp.results.iter().map(|r| r.dropped.as_ref().unwrap().ce_margin).sum::<u32>() > 0);

@@ -287,6 +287,7 @@ async fn mine_all(
                 })
                 .collect(),
             options: Some(options.clone()),
+            min_generation: None,
         })
         .collect();
     let expected = requests.len();
@@ -525,6 +526,7 @@ async fn bench(
                 rerank_candidates,
                 ..Default::default()
             }),
+            min_generation: None,
         };
         let started = Instant::now();
         let resp = client.mine(req).await?;

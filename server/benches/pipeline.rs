@@ -229,6 +229,7 @@ fn mine_latency(
                 rerank_candidates,
                 ..Default::default()
             }),
+            min_generation: None,
         };
         let params = hardneg_server::api::validate_mine(&req, &engine.cfg).unwrap();
         let started = Instant::now();

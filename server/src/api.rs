@@ -155,21 +155,32 @@ pub fn validate_mine(req: &pb::MineRequest, cfg: &Config) -> Result<MineParams> 
     }
     let rerank = if o.rerank.unwrap_or(false) {
         let limit = limits.max_rerank_candidates;
-        let candidates = o.rerank_candidates.unwrap_or_else(|| o.num_negatives.saturating_mul(3)).min(limit.max(o.num_negatives));
-        if o.rerank_candidates.is_some_and(|c| c == 0) {
-            return Err(Error::invalid("options.rerank_candidates", "must be at least 1"));
-        }
-        if o.rerank_candidates.is_some_and(|c| c > limit) {
+        let candidates = o.rerank_candidates.unwrap_or_else(|| o.num_negatives.saturating_mul(3).min(limit));
+        if candidates < o.num_negatives {
             return Err(Error::invalid(
                 "options.rerank_candidates",
-                format!("is {}, the limit is {limit} (limits.max_rerank_candidates)", o.rerank_candidates.unwrap_or(0)),
+                format!("is {candidates}, below num_negatives ({}): score at least as many as you want back", o.num_negatives),
             ));
         }
-        if o.ce_max_score.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
-            return Err(Error::invalid("options.ce_max_score", "must lie in [0, 1] (a probability)"));
+        if candidates > limit {
+            return Err(Error::invalid("options.rerank_candidates", format!("is {candidates}, the limit is {limit} (limits.max_rerank_candidates)")));
         }
-        if o.ce_relative_margin.is_some_and(|m| !(0.0..=1.0).contains(&m)) {
-            return Err(Error::invalid("options.ce_relative_margin", "must lie in [0, 1]"));
+        let pairs = candidates as usize * req.queries.len();
+        if pairs > limits.max_rerank_pairs {
+            return Err(Error::invalid(
+                "options.rerank_candidates",
+                format!(
+                    "{candidates} candidates x {} queries = {pairs} pairs, the limit is {} (limits.max_rerank_pairs): send smaller batches or fewer candidates",
+                    req.queries.len(),
+                    limits.max_rerank_pairs
+                ),
+            ));
+        }
+        if o.ce_max_score.is_some_and(|m| !(m > 0.0 && m <= 1.0)) {
+            return Err(Error::invalid("options.ce_max_score", "must lie in (0, 1] (a probability; 0 would drop everything)"));
+        }
+        if o.ce_relative_margin.is_some_and(|m| !(0.0..1.0).contains(&m)) {
+            return Err(Error::invalid("options.ce_relative_margin", "must lie in [0, 1) (1 would drop everything)"));
         }
         for (i, q) in req.queries.iter().enumerate() {
             if q.text.trim().is_empty() {
@@ -178,7 +189,8 @@ pub fn validate_mine(req: &pb::MineRequest, cfg: &Config) -> Result<MineParams> 
         }
         Some(RerankFilters {
             candidates: candidates as usize,
-            max_scored: limit.max(candidates) as usize,
+            // Scoring deeper when too few pass stops at 4 rounds' worth.
+            max_scored: candidates as usize * 4,
             max_score: o.ce_max_score,
             relative_margin: o.ce_relative_margin,
         })
@@ -236,21 +248,10 @@ fn apply_denoised(o: &mut pb::MineOptions) {
     o.adaptive_depth.get_or_insert(true);
 }
 
-/// Validates, checks the collection and its dims, then mines: the one path behind Mine and
-/// MineStream.
+/// Validates, then mines (the engine checks dims against the generation that answers): the
+/// one path behind Mine and MineStream.
 async fn mine_one(engine: &Engine, req: pb::MineRequest) -> Result<pb::MineResponse> {
     let params = validate_mine(&req, &engine.cfg)?;
-    let coll = engine.get(&req.collection)?;
-    let dims = coll.meta.read().dims as usize;
-    for (i, q) in req.queries.iter().enumerate() {
-        if !q.vector.is_empty() && q.vector.len() != dims {
-            return Err(Error::invalid(
-                format!("queries[{i}].vector"),
-                format!("has {} dims, collection {:?} has {dims}", q.vector.len(), req.collection),
-            ));
-        }
-    }
-    drop(coll);
     engine.mine(&req, &params).await
 }
 
@@ -289,6 +290,31 @@ fn validate_docs(docs: &[pb::Document], cfg: &Config) -> Result<Vec<StoredDoc>> 
             })
         })
         .collect()
+}
+
+/// The checkpoint directory a Refresh names: relative paths are taken from `root`; `..` is
+/// refused outright; the resolved directory must exist and lie under `root`.
+pub fn resolve_checkpoint(dir: &str, root: &std::path::Path) -> Result<std::path::PathBuf> {
+    let field = "encoder_dir";
+    if dir.trim().is_empty() {
+        return Err(Error::invalid(field, "is empty"));
+    }
+    let path = std::path::Path::new(dir);
+    if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
+        return Err(Error::invalid(field, format!("{dir:?} contains \"..\"")));
+    }
+    let root = root
+        .canonicalize()
+        .map_err(|e| Error::FailedPrecondition(format!("encoder.models_root {}: {e}", root.display())))?;
+    let joined = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
+    let resolved = joined.canonicalize().map_err(|e| Error::invalid(field, format!("{}: {e}", joined.display())))?;
+    if !resolved.starts_with(&root) || resolved == root {
+        return Err(Error::invalid(field, format!("{} is not under encoder.models_root ({})", resolved.display(), root.display())));
+    }
+    if !resolved.is_dir() {
+        return Err(Error::invalid(field, format!("{} is not a directory", resolved.display())));
+    }
+    Ok(resolved)
 }
 
 /// Ids per Delete or GetDocuments request: at most limits.max_docs_per_message.
@@ -382,8 +408,8 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
             inserted += i;
             updated += u;
         }
-        let doc_count = coll.map(|c| c.meta.read().doc_count).unwrap_or(0);
-        Ok(Response::new(pb::UpsertResponse { inserted, updated, doc_count }))
+        let (doc_count, pending) = coll.map(|c| (c.meta.read().doc_count, c.docs.read().pending.len() as u64)).unwrap_or((0, 0));
+        Ok(Response::new(pb::UpsertResponse { inserted, updated, doc_count, pending }))
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
@@ -450,5 +476,106 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
             futures::future::ready(Some(item))
         });
         Ok(Response::new(Box::pin(output)))
+    }
+
+    type RefreshStream = Pin<Box<dyn Stream<Item = Result<pb::RefreshProgress, Status>> + Send>>;
+
+    async fn refresh(&self, request: Request<pb::RefreshRequest>) -> Result<Response<Self::RefreshStream>, Status> {
+        let req = request.into_inner();
+        validate_name("collection", &req.collection)?;
+        let dir = resolve_checkpoint(&req.encoder_dir, &self.engine.cfg.encoder.models_root)?;
+        let coll = self.engine.get(&req.collection)?;
+        let rx = self.engine.start_reencode(&coll, &dir).await?;
+        // Every change, then the end: a failed or cancelled refresh ends with its status.
+        let stream = futures::stream::unfold((rx, false), |(mut rx, finished)| async move {
+            if finished {
+                return None;
+            }
+            let p = rx.borrow_and_update().clone();
+            let item = match p.phase.as_str() {
+                "done" => (Ok(p), true),
+                "cancelled" => (Err(Status::aborted(format!("refresh of {:?} to generation {} cancelled", p.collection, p.generation))), true),
+                "failed" => (Err(Status::internal(format!("refresh of {:?} failed: {}", p.collection, p.error))), true),
+                _ => {
+                    // The job drops its sender only after the final state.
+                    let _ = rx.changed().await;
+                    (Ok(p), false)
+                }
+            };
+            Some((item.0, (rx, item.1)))
+        });
+        Ok(Response::new(Box::pin(stream)))
+    }
+
+    async fn upload_vectors(
+        &self,
+        request: Request<Streaming<pb::UploadVectorsRequest>>,
+    ) -> Result<Response<pb::UploadVectorsResponse>, Status> {
+        let mut stream = request.into_inner();
+        let mut target: Option<(Arc<crate::engine::Collection>, String)> = None;
+        let mut out = pb::UploadVectorsResponse::default();
+        while let Some(msg) = stream.message().await? {
+            if target.is_none() {
+                validate_name("collection", &msg.collection)?;
+                let name = msg.encoder_name.trim();
+                if name.is_empty() || name.len() > 256 {
+                    return Err(Error::invalid("encoder_name", "is required in the first message (1-256 bytes)").into());
+                }
+                target = Some((self.engine.get(&msg.collection)?, name.to_string()));
+            }
+            let (coll, encoder_name) = target.as_ref().expect("set by the first message");
+            let current = coll.meta.read().name.clone();
+            if !msg.collection.is_empty() && msg.collection != current {
+                return Err(Error::invalid("collection", format!("changed from {current:?} to {:?} within one stream", msg.collection)).into());
+            }
+            if !msg.encoder_name.is_empty() && msg.encoder_name.trim() != encoder_name {
+                return Err(Error::invalid("encoder_name", "changed within one stream").into());
+            }
+            if msg.vectors.len() > self.engine.cfg.limits.max_docs_per_message {
+                return Err(Error::invalid(
+                    "vectors",
+                    format!("{} vectors in one message, the limit is {} (limits.max_docs_per_message)", msg.vectors.len(), self.engine.cfg.limits.max_docs_per_message),
+                )
+                .into());
+            }
+            let dims = msg.vectors.first().map(|v| v.vector.len()).unwrap_or(0);
+            for (i, v) in msg.vectors.iter().enumerate() {
+                if v.id.is_empty() {
+                    return Err(Error::invalid(format!("vectors[{i}].id"), "is empty").into());
+                }
+                if v.vector.is_empty() || v.vector.len() != dims || dims > 65536 {
+                    return Err(Error::invalid(format!("vectors[{i}].vector"), format!("has {} dims, vectors[0] has {dims}", v.vector.len())).into());
+                }
+                if let Some(j) = v.vector.iter().position(|x| !x.is_finite()) {
+                    return Err(Error::invalid(format!("vectors[{i}].vector[{j}]"), format!("must be finite, got {}", v.vector[j])).into());
+                }
+            }
+            let items = msg.vectors.into_iter().map(|v| (v.id, v.vector)).collect();
+            let (written, generation, missing) = self.engine.upload_vectors(coll, encoder_name, items).await?;
+            out.received += written;
+            out.generation = generation;
+            out.missing = missing;
+        }
+        if target.is_none() {
+            return Err(Error::invalid("collection", "no message received").into());
+        }
+        Ok(Response::new(out))
+    }
+
+    async fn commit_vectors(&self, request: Request<pb::CommitVectorsRequest>) -> Result<Response<pb::CommitVectorsResponse>, Status> {
+        let req = request.into_inner();
+        validate_name("collection", &req.collection)?;
+        let coll = self.engine.get(&req.collection)?;
+        let started = std::time::Instant::now();
+        self.engine.commit_vectors(&coll).await?;
+        Ok(Response::new(pb::CommitVectorsResponse { collection: Some(self.engine.info(&coll)), seconds: started.elapsed().as_secs_f64() }))
+    }
+
+    async fn cancel_refresh(&self, request: Request<pb::CancelRefreshRequest>) -> Result<Response<pb::CancelRefreshResponse>, Status> {
+        let req = request.into_inner();
+        validate_name("collection", &req.collection)?;
+        let coll = self.engine.get(&req.collection)?;
+        let what = self.engine.cancel_refresh(&coll).await?;
+        Ok(Response::new(pb::CancelRefreshResponse { cancelled: what.is_some(), what: what.unwrap_or_else(|| "nothing was running".into()) }))
     }
 }

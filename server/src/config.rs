@@ -35,6 +35,8 @@ pub struct EncoderConfig {
     pub token_budget: usize,
     pub max_batch_texts: usize,
     pub queue_capacity: usize,
+    /// Re-encode refreshes load checkpoints from under this directory only.
+    pub models_root: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -65,6 +67,7 @@ pub struct MiningConfig {
     pub default_range_max: u32,
     pub max_depth: u32,
     pub default_temperature: f32,
+    pub min_generation_wait_seconds: f64,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -75,6 +78,7 @@ pub struct LimitsConfig {
     pub max_range: u32,
     pub max_text_chars: usize,
     pub max_rerank_candidates: u32,
+    pub max_rerank_pairs: usize,
     pub max_positives_per_query: usize,
     pub max_docs_per_message: usize,
     pub max_message_bytes: usize,
@@ -150,6 +154,7 @@ impl Config {
             ("reranker.max_batch_texts", self.reranker.max_batch_texts),
             ("reranker.queue_capacity", self.reranker.queue_capacity),
             ("limits.max_rerank_candidates", self.limits.max_rerank_candidates as usize),
+            ("limits.max_rerank_pairs", self.limits.max_rerank_pairs),
             ("index.threads", self.index.threads),
             ("index.connectivity", self.index.connectivity),
             ("limits.max_batch_queries", self.limits.max_batch_queries),
@@ -174,6 +179,12 @@ impl Config {
             return Err(ConfigError::Invalid {
                 field: "mining.default_temperature",
                 reason: "must be greater than 0".into(),
+            });
+        }
+        if !(self.mining.min_generation_wait_seconds >= 0.0 && self.mining.min_generation_wait_seconds.is_finite()) {
+            return Err(ConfigError::Invalid {
+                field: "mining.min_generation_wait_seconds",
+                reason: "must be a finite number of seconds, 0 or more".into(),
             });
         }
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {

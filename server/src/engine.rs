@@ -18,7 +18,7 @@ use crate::error::{Error, Result};
 use crate::index::{Metric, Quantization, VectorIndex};
 use crate::mine::{self, Candidate, DepthPlan, Filters, QueryContext, RerankFilters, RerankState, Sampling, TextHashes};
 use crate::proto as pb;
-use crate::store::{CollectionMeta, Store, StoredDoc};
+use crate::store::{CollectionMeta, EncoderKind, EncoderRef, GenerationMeta, Store, StoredDoc};
 
 /// What the engine keeps in memory per document.
 #[derive(Debug, Clone)]
@@ -31,6 +31,9 @@ pub struct DocEntry {
 pub struct DocTable {
     pub by_key: HashMap<u64, DocEntry>,
     pub by_id: HashMap<Arc<str>, u64>,
+    /// Keys with no vector in the current generation (its encoder is the trainer's): stored,
+    /// not searchable until the next vector refresh.
+    pub pending: HashSet<u64>,
 }
 
 impl DocTable {
@@ -38,8 +41,16 @@ impl DocTable {
         let id: Arc<str> = Arc::from(doc.id.as_str());
         if let Some(old) = self.by_id.insert(id.clone(), key) {
             self.by_key.remove(&old);
+            self.pending.remove(&old);
         }
         self.by_key.insert(key, DocEntry { id, hashes: doc_hashes(doc) });
+    }
+
+    fn remove(&mut self, key: u64) {
+        if let Some(entry) = self.by_key.remove(&key) {
+            self.by_id.remove(&entry.id);
+        }
+        self.pending.remove(&key);
     }
 }
 
@@ -50,66 +61,137 @@ pub fn doc_hashes(doc: &StoredDoc) -> TextHashes {
     if doc.text.trim().is_empty() { [full, full] } else { [mine::text_hash(&doc.text), full] }
 }
 
+/// One generation in memory: its manifest, its index, and the encoder that turns text into
+/// its vector space (none for trainer vectors, or when the encoder cannot be loaded).
+pub struct Generation {
+    pub meta: GenerationMeta,
+    pub index: VectorIndex,
+    pub encoder: Option<Encoder>,
+    /// Why text cannot be encoded for this generation, when `encoder` is None.
+    pub no_text: String,
+}
+
+impl Generation {
+    pub fn dims(&self) -> usize {
+        self.meta.dims as usize
+    }
+
+    /// The encoder for query, positive and document texts, or why there is none.
+    pub fn text_encoder(&self) -> Result<&Encoder> {
+        self.encoder.as_ref().ok_or_else(|| Error::FailedPrecondition(self.no_text.clone()))
+    }
+}
+
 pub struct Collection {
     pub meta: RwLock<CollectionMeta>,
     pub metric: Metric,
     pub quantization: Quantization,
-    pub index: VectorIndex,
+    /// The generation that answers; swapped whole, so a request that took it sees one
+    /// generation throughout.
+    current: RwLock<Arc<Generation>>,
+    generation_tx: tokio::sync::watch::Sender<u64>,
     pub docs: RwLock<DocTable>,
-    /// Serializes writers (upsert, delete, save) of this collection.
-    write: tokio::sync::Mutex<()>,
-    /// Why text cannot be encoded for this collection, when the server's encoder differs from
-    /// the one its vectors came from.
-    pub encoder_mismatch: Option<String>,
+    /// Serializes writers (upsert, delete, save, generation swaps) of this collection.
+    pub(crate) write: tokio::sync::Mutex<()>,
+    /// The re-encode refresh running for this collection, if any.
+    pub(crate) refresh: parking_lot::Mutex<Option<crate::refresh::RefreshJob>>,
     /// Set by DropCollection under the write lock: writers still holding this collection
     /// must not touch a new one created under the same name.
     dropped: AtomicBool,
 }
 
 impl Collection {
+    fn new(meta: CollectionMeta, metric: Metric, quantization: Quantization, generation: Generation, docs: DocTable) -> Self {
+        let (generation_tx, _) = tokio::sync::watch::channel(generation.meta.number);
+        Self {
+            meta: RwLock::new(meta),
+            metric,
+            quantization,
+            current: RwLock::new(Arc::new(generation)),
+            generation_tx,
+            docs: RwLock::new(docs),
+            write: tokio::sync::Mutex::new(()),
+            refresh: parking_lot::Mutex::new(None),
+            dropped: AtomicBool::new(false),
+        }
+    }
+
     /// The name, while the collection has not been dropped (call under the write lock).
-    fn live_name(&self) -> Result<String> {
+    pub(crate) fn live_name(&self) -> Result<String> {
         let name = self.meta.read().name.clone();
         if self.dropped.load(Ordering::Acquire) {
             return Err(Error::CollectionNotFound(name));
         }
         Ok(name)
     }
+
+    /// The generation answering now.
+    pub fn current(&self) -> Arc<Generation> {
+        self.current.read().clone()
+    }
+
+    /// Makes `generation` current (call under the write lock, after the store commit).
+    pub(crate) fn swap(&self, meta: CollectionMeta, generation: Generation) {
+        let number = generation.meta.number;
+        *self.current.write() = Arc::new(generation);
+        *self.meta.write() = meta;
+        self.docs.write().pending.clear();
+        self.generation_tx.send_replace(number);
+    }
+
+    /// Waits up to `limit` for generation `min` (or a later one) to be current.
+    pub async fn wait_for_generation(&self, min: u64, limit: std::time::Duration) -> Result<()> {
+        let mut rx = self.generation_tx.subscribe();
+        match tokio::time::timeout(limit, rx.wait_for(|g| *g >= min)).await {
+            Ok(Ok(_)) => Ok(()),
+            _ => Err(Error::Unavailable(format!(
+                "min_generation {min}: collection {:?} is at generation {} after waiting {:?}",
+                self.meta.read().name,
+                *self.generation_tx.borrow(),
+                limit
+            ))),
+        }
+    }
 }
 
 /// The saved-index manifest: which store version and vector space the file reflects.
 #[derive(Debug, Serialize, Deserialize, PartialEq)]
-struct IndexManifest {
+pub(crate) struct IndexManifest {
     version: u64,
+    generation: u64,
     dims: u32,
     metric: String,
     quantization: String,
+    encoder_name: String,
     encoder_fingerprint: String,
-    generation: u64,
 }
 
 impl IndexManifest {
-    /// The manifest an index saved now would carry.
-    fn of(meta: &CollectionMeta) -> Self {
+    /// The manifest an index of the current generation saved now would carry.
+    pub(crate) fn of(meta: &CollectionMeta) -> Self {
         Self {
             version: meta.version,
-            dims: meta.dims,
+            generation: meta.current.number,
+            dims: meta.current.dims,
             metric: meta.metric.clone(),
             quantization: meta.quantization.clone(),
-            encoder_fingerprint: meta.encoder_fingerprint.clone(),
-            generation: meta.generation,
+            encoder_name: meta.current.encoder.name.clone(),
+            encoder_fingerprint: meta.current.encoder.fingerprint.clone(),
         }
     }
 }
 
 pub struct Engine {
     pub cfg: Arc<Config>,
-    store: Arc<Store>,
+    pub(crate) store: Arc<Store>,
+    /// The configured bi-encoder (encoder.model_dir).
     pub encoder: Encoder,
+    /// Encoders loaded from checkpoints by re-encode refreshes, by fingerprint.
+    checkpoints: parking_lot::Mutex<HashMap<String, Encoder>>,
     /// The cross-encoder, when reranker.model_dir is set.
     pub reranker: Option<Reranker>,
     collections: RwLock<HashMap<String, Arc<Collection>>>,
-    index_dir: PathBuf,
+    pub(crate) index_dir: PathBuf,
 }
 
 /// Resolved mining options (defaults applied, validated).
@@ -126,26 +208,45 @@ pub struct MineParams {
     pub rerank: Option<RerankFilters>,
 }
 
-async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
+pub(crate) async fn blocking<T: Send + 'static>(f: impl FnOnce() -> Result<T> + Send + 'static) -> Result<T> {
     tokio::task::spawn_blocking(f).await.map_err(|e| Error::Internal(format!("blocking task: {e}")))?
 }
 
-fn now_unix() -> u64 {
+pub(crate) fn now_unix() -> u64 {
     SystemTime::now().duration_since(UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0)
+}
+
+/// The directory of generation `number`'s saved index.
+pub(crate) fn generation_dir(collection_dir: &Path, number: u64) -> PathBuf {
+    collection_dir.join(format!("gen-{number}"))
 }
 
 impl Engine {
     /// Opens the store under `data_dir` and brings every collection back: documents from the
-    /// store, the index from its saved file when that reflects the store's latest version,
-    /// otherwise rebuilt from the stored vectors.
+    /// store, the current generation's index from its saved file when that reflects the
+    /// store's latest version, otherwise rebuilt from the generation's stored vectors. A
+    /// re-encode refresh that was interrupted is dropped; uploaded trainer vectors are kept.
     pub fn open(cfg: Arc<Config>, encoder: Encoder, reranker: Option<Reranker>) -> anyhow::Result<Self> {
         let data_dir = &cfg.server.data_dir;
         std::fs::create_dir_all(data_dir)?;
         let store = Arc::new(Store::open(&data_dir.join("store.redb"))?);
         let index_dir = data_dir.join("indexes");
         std::fs::create_dir_all(&index_dir)?;
-        let engine = Self { cfg, store, encoder, reranker, collections: RwLock::new(HashMap::new()), index_dir };
-        for meta in engine.store.collections()? {
+        let engine = Self {
+            cfg,
+            store,
+            encoder,
+            checkpoints: parking_lot::Mutex::new(HashMap::new()),
+            reranker,
+            collections: RwLock::new(HashMap::new()),
+            index_dir,
+        };
+        for mut meta in engine.store.collections()? {
+            if let Some(b) = meta.building.clone().filter(|b| b.encoder.kind != EncoderKind::Trainer) {
+                engine.store.abort_generation(&meta.name)?;
+                meta.building = None;
+                tracing::warn!(collection = %meta.name, generation = b.number, "removed the half-built generation of an interrupted re-encode refresh");
+            }
             let name = meta.name.clone();
             let coll = engine.load_collection(meta)?;
             engine.collections.write().insert(name, Arc::new(coll));
@@ -153,73 +254,120 @@ impl Engine {
         Ok(engine)
     }
 
+    /// Loads (or reuses) the encoder of a checkpoint directory.
+    pub(crate) fn checkpoint_encoder(&self, dir: &Path) -> std::result::Result<Encoder, crate::encode::EncodeError> {
+        let cfg = &self.cfg.encoder;
+        let batch = crate::encode::BatchConfig {
+            token_budget: cfg.token_budget,
+            max_batch_texts: cfg.max_batch_texts,
+            queue_capacity: cfg.queue_capacity,
+        };
+        let encoder = Encoder::load(dir, cfg.max_tokens, batch)?;
+        let mut cache = self.checkpoints.lock();
+        Ok(cache.entry(encoder.info().fingerprint.clone()).or_insert(encoder).clone())
+    }
+
+    /// The encoder that can encode text for a generation, or why none can.
+    fn generation_encoder(&self, collection: &str, g: &GenerationMeta) -> (Option<Encoder>, String) {
+        let short = |fp: &str| fp[..12.min(fp.len())].to_string();
+        match g.encoder.kind {
+            EncoderKind::Server => {
+                let info = self.encoder.info();
+                if info.fingerprint == g.encoder.fingerprint {
+                    (Some(self.encoder.clone()), String::new())
+                } else {
+                    (None, format!(
+                        "collection {collection:?} was encoded with encoder {} ({}), the server runs {} ({}): text cannot be encoded for it; send query vectors or refresh it",
+                        g.encoder.name, short(&g.encoder.fingerprint), info.name, short(&info.fingerprint)
+                    ))
+                }
+            }
+            EncoderKind::Checkpoint => {
+                let dir = PathBuf::from(g.encoder.dir.clone().unwrap_or_default());
+                match self.checkpoint_encoder(&dir) {
+                    Ok(e) if e.info().fingerprint == g.encoder.fingerprint => (Some(e), String::new()),
+                    Ok(e) => (None, format!(
+                        "collection {collection:?} generation {} was encoded with the checkpoint in {} ({}), which now holds {}: text cannot be encoded for it; send query vectors or refresh it",
+                        g.number, dir.display(), short(&g.encoder.fingerprint), short(&e.info().fingerprint)
+                    )),
+                    Err(err) => (None, format!(
+                        "collection {collection:?} generation {}: its encoder checkpoint cannot be loaded ({err}): send query vectors or refresh it",
+                        g.number
+                    )),
+                }
+            }
+            EncoderKind::Trainer => (None, format!(
+                "collection {collection:?} generation {} holds vectors from the trainer's encoder {:?}: the server cannot encode text for it; send query vectors (and upload vectors for new documents)",
+                g.number, g.encoder.name
+            )),
+        }
+    }
+
     fn load_collection(&self, meta: CollectionMeta) -> anyhow::Result<Collection> {
         let metric = Metric::parse(&meta.metric)
             .ok_or_else(|| anyhow::anyhow!("collection {}: unknown metric {:?}", meta.name, meta.metric))?;
         let quantization = Quantization::parse(&meta.quantization)
             .ok_or_else(|| anyhow::anyhow!("collection {}: unknown quantization {:?}", meta.name, meta.quantization))?;
-        let info = self.encoder.info();
-        let encoder_mismatch = (meta.encoder_fingerprint != info.fingerprint).then(|| {
-            format!(
-                "collection {:?} was encoded with encoder {} ({}), the server runs {} ({}): text cannot be encoded for it; send query vectors",
-                meta.name, meta.encoder_name, &meta.encoder_fingerprint[..12.min(meta.encoder_fingerprint.len())],
-                info.name, &info.fingerprint[..12]
-            )
-        });
-        if let Some(why) = &encoder_mismatch {
-            tracing::warn!("{why}");
+        let (encoder, no_text) = self.generation_encoder(&meta.name, &meta.current);
+        if encoder.is_none() && meta.current.encoder.kind != EncoderKind::Trainer {
+            tracing::warn!("{no_text}");
         }
-        let rows = self.store.scan(&meta.name)?;
         let mut docs = DocTable::default();
-        for (key, doc, _) in &rows {
-            docs.insert(*key, doc);
+        for (key, doc) in self.store.scan(&meta.name)? {
+            docs.insert(key, &doc);
         }
-        let dir = self.index_dir.join(&meta.name);
+        let coll_dir = self.index_dir.join(&meta.name);
+        let gen_dir = generation_dir(&coll_dir, meta.current.number);
+        // Everything but the current generation's saved index is left over from an older
+        // generation or a save that did not finish.
+        if let Ok(entries) = std::fs::read_dir(&coll_dir) {
+            for entry in entries.flatten() {
+                if entry.path() != gen_dir {
+                    tracing::info!(collection = %meta.name, path = %entry.path().display(), "removing a stale or half-written index directory");
+                    let _ = std::fs::remove_dir_all(entry.path());
+                }
+            }
+        }
         let expected = IndexManifest::of(&meta);
-        let saved: Option<IndexManifest> = std::fs::read(dir.join("manifest.json"))
+        let saved: Option<IndexManifest> = std::fs::read(gen_dir.join("manifest.json"))
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
-        let dims = meta.dims as usize;
+        let dims = meta.current.dims as usize;
+        let vectors = self.store.scan_vectors(&meta.name, meta.current.number)?;
         let index = match saved {
             Some(m) if m == expected => {
-                let index = VectorIndex::load(&dir.join("index.usearch"), dims, metric, quantization, &self.cfg.index)?;
-                tracing::info!(collection = %meta.name, docs = rows.len(), "index loaded from its saved file");
+                let index = VectorIndex::load(&gen_dir.join("index.usearch"), dims, metric, quantization, &self.cfg.index)?;
+                tracing::info!(collection = %meta.name, generation = meta.current.number, vectors = vectors.len(), "index loaded from its saved file");
                 index
             }
             other => {
-                if other.is_some() {
-                    tracing::info!(collection = %meta.name, "saved index is stale; rebuilding from the store");
+                if let Some(m) = other {
+                    tracing::warn!(collection = %meta.name, saved = ?m, expected = ?expected, "saved index refused: its manifest does not match the store; rebuilding from the stored vectors");
                 }
                 let index = VectorIndex::new(dims, metric, quantization, &self.cfg.index)?;
-                let items: Vec<(u64, Vec<f32>)> = rows.into_iter().map(|(k, _, v)| (k, v)).collect();
-                let n = items.len();
-                index.add_blocking(&items)?;
-                tracing::info!(collection = %meta.name, docs = n, "index rebuilt from the store");
+                index.add_blocking(&vectors)?;
+                tracing::info!(collection = %meta.name, generation = meta.current.number, vectors = vectors.len(), "index rebuilt from the store");
                 index
             }
         };
-        Ok(Collection {
-            meta: RwLock::new(meta),
-            metric,
-            quantization,
-            index,
-            docs: RwLock::new(docs),
-            write: tokio::sync::Mutex::new(()),
-            encoder_mismatch,
-            dropped: AtomicBool::new(false),
-        })
+        let with_vectors: HashSet<u64> = vectors.iter().map(|(k, _)| *k).collect();
+        docs.pending = docs.by_key.keys().filter(|k| !with_vectors.contains(k)).copied().collect();
+        let generation = Generation { meta: meta.current.clone(), index, encoder, no_text };
+        Ok(Collection::new(meta, metric, quantization, generation, docs))
     }
 
-    /// Saves every collection's index with its manifest (temporary file, fsync, rename).
+    /// Saves every collection's current index with its manifest.
     pub async fn save_indexes(&self) -> Result<()> {
         let colls: Vec<Arc<Collection>> = self.collections.read().values().cloned().collect();
         for coll in colls {
             let _w = coll.write.lock().await;
+            if coll.dropped.load(Ordering::Acquire) {
+                continue;
+            }
             let meta = coll.meta.read().clone();
             let dir = self.index_dir.join(&meta.name);
-            let manifest = IndexManifest::of(&meta);
-            let coll2 = coll.clone();
-            blocking(move || save_index(&coll2.index, &dir, &manifest)).await?;
+            let generation = coll.current();
+            blocking(move || save_index(&generation.index, &dir, &IndexManifest::of(&meta))).await?;
         }
         Ok(())
     }
@@ -230,10 +378,11 @@ impl Engine {
 
     pub fn info(&self, coll: &Collection) -> pb::CollectionInfo {
         let meta = coll.meta.read();
+        let refresh = coll.refresh.lock().as_ref().map(|job| job.progress());
         pb::CollectionInfo {
             name: meta.name.clone(),
             doc_count: meta.doc_count,
-            dims: meta.dims,
+            dims: meta.current.dims,
             metric: match coll.metric {
                 Metric::Cosine => pb::Metric::Cosine,
                 Metric::InnerProduct => pb::Metric::InnerProduct,
@@ -243,9 +392,19 @@ impl Engine {
                 Quantization::F16 => pb::Quantization::F16,
                 Quantization::I8 => pb::Quantization::I8,
             } as i32,
-            encoder_fingerprint: meta.encoder_fingerprint.clone(),
-            generation: meta.generation,
-            encoder_name: meta.encoder_name.clone(),
+            encoder_fingerprint: meta.current.encoder.fingerprint.clone(),
+            generation: meta.current.number,
+            encoder_name: meta.current.encoder.name.clone(),
+            encoder_kind: match meta.current.encoder.kind {
+                EncoderKind::Server => "server",
+                EncoderKind::Checkpoint => "checkpoint",
+                EncoderKind::Trainer => "trainer",
+            }
+            .into(),
+            generation_created_at_unix: meta.current.created_at_unix,
+            pending_documents: coll.docs.read().pending.len() as u64,
+            building_generation: meta.building.as_ref().map(|b| b.number),
+            refresh,
         }
     }
 
@@ -257,18 +416,23 @@ impl Engine {
 
     pub async fn create(&self, name: &str, metric: Metric, quantization: Quantization) -> Result<pb::CollectionInfo> {
         let info = self.encoder.info();
+        let now = now_unix();
+        let current = GenerationMeta {
+            number: 1,
+            encoder: EncoderRef { kind: EncoderKind::Server, name: info.name.clone(), fingerprint: info.fingerprint.clone(), dir: None },
+            dims: info.dims as u32,
+            created_at_unix: now,
+        };
         let meta = CollectionMeta {
             name: name.to_string(),
             metric: metric.as_str().into(),
             quantization: quantization.as_str().into(),
-            dims: info.dims as u32,
-            encoder_fingerprint: info.fingerprint.clone(),
-            encoder_name: info.name.clone(),
-            generation: 1,
+            current: current.clone(),
+            building: None,
             next_key: 0,
             version: 0,
             doc_count: 0,
-            created_at_unix: now_unix(),
+            created_at_unix: now,
         };
         if self.collections.read().contains_key(name) {
             return Err(Error::CollectionExists(name.to_string()));
@@ -279,16 +443,8 @@ impl Engine {
         if !blocking(move || Ok(store.create_collection(&m)?)).await? {
             return Err(Error::CollectionExists(name.to_string()));
         }
-        let coll = Arc::new(Collection {
-            meta: RwLock::new(meta),
-            metric,
-            quantization,
-            index,
-            docs: RwLock::new(DocTable::default()),
-            write: tokio::sync::Mutex::new(()),
-            encoder_mismatch: None,
-            dropped: AtomicBool::new(false),
-        });
+        let generation = Generation { meta: current, index, encoder: Some(self.encoder.clone()), no_text: String::new() };
+        let coll = Arc::new(Collection::new(meta, metric, quantization, generation, DocTable::default()));
         let info = self.info(&coll);
         self.collections.write().insert(name.to_string(), coll);
         Ok(info)
@@ -298,6 +454,9 @@ impl Engine {
         let Some(coll) = self.collections.write().remove(name) else {
             return Err(Error::CollectionNotFound(name.to_string()));
         };
+        if let Some(job) = coll.refresh.lock().as_ref() {
+            job.cancel();
+        }
         let _w = coll.write.lock().await;
         coll.dropped.store(true, Ordering::Release);
         let store = self.store.clone();
@@ -307,37 +466,65 @@ impl Engine {
         Ok(dropped)
     }
 
-    /// Encodes, stores durably, then indexes one message's documents. Returns (inserted, updated).
+    /// Encodes with the current generation's encoder (when it has one), stores durably, then
+    /// indexes one message's documents. Returns (inserted, updated). When a generation swap
+    /// lands between encoding and commit, the documents are encoded again for the new one.
     pub async fn upsert(&self, coll: &Arc<Collection>, docs: Vec<StoredDoc>) -> Result<(u64, u64)> {
-        if let Some(why) = &coll.encoder_mismatch {
-            return Err(Error::FailedPrecondition(why.clone()));
-        }
         if docs.is_empty() {
             return Ok((0, 0));
         }
-        let texts: Vec<String> = docs.iter().map(StoredDoc::encoded_text).collect();
-        let mut vectors = Vec::with_capacity(texts.len());
-        for chunk in texts.chunks(256) {
-            vectors.extend(self.encoder.encode(chunk.to_vec()).await?);
+        loop {
+            let generation = coll.current();
+            let vectors = match &generation.encoder {
+                Some(encoder) => {
+                    let texts: Vec<String> = docs.iter().map(StoredDoc::encoded_text).collect();
+                    let mut vectors = Vec::with_capacity(texts.len());
+                    for chunk in texts.chunks(256) {
+                        vectors.extend(encoder.encode(chunk.to_vec()).await?);
+                    }
+                    Some(vectors)
+                }
+                None if generation.meta.encoder.kind == EncoderKind::Trainer => None,
+                None => return Err(Error::FailedPrecondition(generation.no_text.clone())),
+            };
+            if let Some(done) = self.commit(coll, docs.clone(), vectors, generation.meta.number).await? {
+                return Ok(done);
+            }
         }
-        self.upsert_encoded(coll, docs, vectors).await
     }
 
     /// Stores durably, then indexes documents whose vectors are already computed (one per
-    /// document, with the collection's dims). Returns (inserted, updated).
+    /// document, with the current generation's dims). Returns (inserted, updated).
     pub async fn upsert_encoded(&self, coll: &Arc<Collection>, docs: Vec<StoredDoc>, vectors: Vec<Vec<f32>>) -> Result<(u64, u64)> {
-        let dims = coll.meta.read().dims as usize;
+        let generation = coll.current();
+        let dims = generation.dims();
         if vectors.len() != docs.len() {
             return Err(Error::Internal(format!("{} vectors for {} documents", vectors.len(), docs.len())));
         }
         if let Some(i) = vectors.iter().position(|v| v.len() != dims) {
             return Err(Error::invalid(format!("vectors[{i}]"), format!("has {} dims, the collection has {dims}", vectors[i].len())));
         }
-        let rows: Vec<(StoredDoc, Vec<f32>)> = docs.into_iter().zip(vectors).collect();
-        // Its own task: a caller that goes away mid-write cannot leave the store committed
-        // and the in-memory table and index behind.
+        self.commit(coll, docs, Some(vectors), generation.meta.number)
+            .await?
+            .ok_or_else(|| Error::Unavailable("the collection's generation changed during the write; retry".into()))
+    }
+
+    /// Commits in its own task: a caller that goes away mid-write cannot leave the store
+    /// committed and the in-memory table and index behind. None: `generation` is no longer
+    /// current, nothing was written.
+    async fn commit(
+        &self,
+        coll: &Arc<Collection>,
+        docs: Vec<StoredDoc>,
+        vectors: Option<Vec<Vec<f32>>>,
+        generation: u64,
+    ) -> Result<Option<(u64, u64)>> {
+        let rows: Vec<(StoredDoc, Option<Vec<f32>>)> = match vectors {
+            Some(v) => docs.into_iter().zip(v.into_iter().map(Some)).collect(),
+            None => docs.into_iter().map(|d| (d, None)).collect(),
+        };
         let (store, coll) = (self.store.clone(), coll.clone());
-        tokio::spawn(commit_upsert(store, coll, rows))
+        tokio::spawn(commit_upsert(store, coll, rows, generation))
             .await
             .map_err(|e| Error::Internal(format!("upsert task: {e}")))?
     }
@@ -383,8 +570,23 @@ impl Engine {
                 ));
             }
         };
-        let dims = coll.meta.read().dims as usize;
-        let generation = coll.meta.read().generation;
+        if let Some(min) = req.min_generation {
+            let wait = std::time::Duration::from_secs_f64(self.cfg.mining.min_generation_wait_seconds);
+            coll.wait_for_generation(min, wait).await?;
+        }
+        // One generation answers the whole request, even if a refresh swaps meanwhile.
+        let current = coll.current();
+        let index = &current.index;
+        let dims = current.dims();
+        let generation = current.meta.number;
+        for (i, q) in req.queries.iter().enumerate() {
+            if !q.vector.is_empty() && q.vector.len() != dims {
+                return Err(Error::invalid(
+                    format!("queries[{i}].vector"),
+                    format!("has {} dims, collection {:?} (generation {generation}) has {dims}", q.vector.len(), req.collection),
+                ));
+            }
+        }
 
         // Encode query texts (queries without a vector) and positive texts, in one job.
         let mut texts = Vec::new();
@@ -394,13 +596,12 @@ impl Engine {
             }
             texts.extend(q.positive_texts.iter().cloned());
         }
-        if !texts.is_empty() {
-            if let Some(why) = &coll.encoder_mismatch {
-                return Err(Error::FailedPrecondition(why.clone()));
-            }
-        }
         let t_encode = Instant::now();
-        let mut encoded = self.encoder.encode(texts).await?.into_iter();
+        let mut encoded = if texts.is_empty() {
+            Vec::new().into_iter()
+        } else {
+            current.text_encoder()?.encode(texts).await?.into_iter()
+        };
         let encode_seconds = t_encode.elapsed().as_secs_f64();
 
         let mut query_vecs = Vec::with_capacity(req.queries.len());
@@ -454,13 +655,12 @@ impl Engine {
                 contexts.push(ctx);
             }
         }
+        // The positives' vectors as this generation holds them (documents pending a vector
+        // have none, and then no score).
         let positive_vecs = if all_positive_keys.is_empty() {
             HashMap::new()
         } else {
-            let store = self.store.clone();
-            let name = req.collection.clone();
-            let keys = all_positive_keys.clone();
-            blocking(move || Ok(store.vectors(&name, &keys)?)).await?
+            index.vectors(all_positive_keys.clone()).await?
         };
         let (batch_keys, batch_hashes) = (Arc::new(batch_keys), Arc::new(batch_hashes));
         // Each query's positive vectors (stored ones, then encoded positive texts).
@@ -490,7 +690,8 @@ impl Engine {
             None => Vec::new(),
         };
         let mut positive_pairs: Vec<(usize, String)> = Vec::new();
-        if reranker.is_some() {
+        // The positives' cross-encoder scores matter only to the relative margin.
+        if reranker.is_some_and(|(_, f)| f.relative_margin.is_some()) {
             let t = Instant::now();
             let stored = if all_positive_keys.is_empty() {
                 HashMap::new()
@@ -520,11 +721,11 @@ impl Engine {
         let mut search_seconds = 0.0;
         let mut filter_seconds = 0.0;
         while !pending.is_empty() {
-            let indexed = coll.index.len().max(1);
+            let indexed = index.len().max(1);
             let t_search = Instant::now();
             let requests: Vec<(Vec<f32>, usize)> =
                 pending.iter().map(|&i| (query_vecs[i].clone(), plans[i].search_depth.min(indexed))).collect();
-            let results = coll.index.search(requests).await?;
+            let results = index.search(requests).await?;
             let hit_vectors = if neighbourhood {
                 let keys: Vec<u64> = pending
                     .iter()
@@ -534,7 +735,7 @@ impl Engine {
                     .collect::<HashSet<u64>>()
                     .into_iter()
                     .collect();
-                coll.index.vectors(keys).await?
+                index.vectors(keys).await?
             } else {
                 HashMap::new()
             };
@@ -720,10 +921,20 @@ impl Engine {
 }
 
 /// Takes the collection's write lock, commits to the store, then updates the document table,
-/// the manifest and the index. Returns (inserted, updated).
-async fn commit_upsert(store: Arc<Store>, coll: Arc<Collection>, rows: Vec<(StoredDoc, Vec<f32>)>) -> Result<(u64, u64)> {
+/// the manifest and the index. Returns (inserted, updated), or None when `generation` is no
+/// longer current (the vectors belong to another space; nothing is written).
+async fn commit_upsert(
+    store: Arc<Store>,
+    coll: Arc<Collection>,
+    rows: Vec<(StoredDoc, Option<Vec<f32>>)>,
+    generation: u64,
+) -> Result<Option<(u64, u64)>> {
     let _w = coll.write.lock().await;
     let name = coll.live_name()?;
+    let current = coll.current();
+    if current.meta.number != generation {
+        return Ok(None);
+    }
     let (meta, written, rows) = blocking(move || {
         let (meta, written) = store.upsert(&name, &rows)?;
         Ok((meta, written, rows))
@@ -745,12 +956,17 @@ async fn commit_upsert(store: Arc<Store>, coll: Arc<Collection>, rows: Vec<(Stor
                     items.retain(|(k, _)| *k != old);
                 }
             }
-            items.push((w.key, vector));
+            match vector {
+                Some(v) => items.push((w.key, v)),
+                None => {
+                    table.pending.insert(w.key);
+                }
+            }
         }
     }
     *coll.meta.write() = meta;
-    coll.index.add(items, replaced).await?;
-    Ok((written.len() as u64 - updated, updated))
+    current.index.add(items, replaced).await?;
+    Ok(Some((written.len() as u64 - updated, updated)))
 }
 
 async fn commit_delete(store: Arc<Store>, coll: Arc<Collection>, ids: Vec<String>) -> Result<(u64, u64)> {
@@ -760,30 +976,32 @@ async fn commit_delete(store: Arc<Store>, coll: Arc<Collection>, ids: Vec<String
     {
         let mut table = coll.docs.write();
         for key in &removed {
-            if let Some(entry) = table.by_key.remove(key) {
-                table.by_id.remove(&entry.id);
-            }
+            table.remove(*key);
         }
     }
     *coll.meta.write() = meta;
     let deleted = removed.len() as u64;
-    coll.index.remove(removed).await?;
+    coll.current().index.remove(removed).await?;
     Ok((deleted, missing.len() as u64))
 }
 
-fn save_index(index: &VectorIndex, dir: &Path, manifest: &IndexManifest) -> Result<()> {
-    let io = |e: std::io::Error| Error::Internal(format!("saving index to {}: {e}", dir.display()));
-    std::fs::create_dir_all(dir).map_err(io)?;
-    let _ = std::fs::remove_file(dir.join("manifest.json"));
-    let tmp = dir.join("index.usearch.tmp");
-    index.save_blocking(&tmp)?;
+/// Writes the index and its manifest into `collection_dir/gen-N.tmp`, fsyncs both, then
+/// renames the directory to `gen-N` (replacing an older save of the same generation).
+pub(crate) fn save_index(index: &VectorIndex, collection_dir: &Path, manifest: &IndexManifest) -> Result<()> {
+    let io = |e: std::io::Error| Error::Internal(format!("saving index to {}: {e}", collection_dir.display()));
+    let target = generation_dir(collection_dir, manifest.generation);
+    let tmp = target.with_extension("tmp");
+    let _ = std::fs::remove_dir_all(&tmp);
+    std::fs::create_dir_all(&tmp).map_err(io)?;
+    index.save_blocking(&tmp.join("index.usearch"))?;
+    std::fs::write(tmp.join("manifest.json"), serde_json::to_vec(manifest).expect("manifest serializes")).map_err(io)?;
+    for file in ["index.usearch", "manifest.json"] {
+        std::fs::File::open(tmp.join(file)).and_then(|f| f.sync_all()).map_err(io)?;
+    }
     std::fs::File::open(&tmp).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp, dir.join("index.usearch")).map_err(io)?;
-    let tmp_manifest = dir.join("manifest.json.tmp");
-    std::fs::write(&tmp_manifest, serde_json::to_vec(manifest).expect("manifest serializes")).map_err(io)?;
-    std::fs::File::open(&tmp_manifest).and_then(|f| f.sync_all()).map_err(io)?;
-    std::fs::rename(&tmp_manifest, dir.join("manifest.json")).map_err(io)?;
-    std::fs::File::open(dir).and_then(|f| f.sync_all()).map_err(io)?;
+    let _ = std::fs::remove_dir_all(&target);
+    std::fs::rename(&tmp, &target).map_err(io)?;
+    std::fs::File::open(collection_dir).and_then(|f| f.sync_all()).map_err(io)?;
     Ok(())
 }
 

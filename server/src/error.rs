@@ -16,6 +16,9 @@ pub enum Error {
     FailedPrecondition(String),
     #[error("overloaded: {0}")]
     Overloaded(String),
+    /// Conflicts with an operation in progress (a refresh).
+    #[error("{0}")]
+    Aborted(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
     #[error("request cancelled by the client")]
@@ -43,6 +46,7 @@ impl Error {
             Error::CollectionExists(_) => "already_exists",
             Error::FailedPrecondition(_) => "failed_precondition",
             Error::Overloaded(_) => "overloaded",
+            Error::Aborted(_) => "aborted",
             Error::Unavailable(_) => "unavailable",
             Error::Cancelled => "cancelled",
             Error::Encoder(_) => "encoder",
@@ -59,10 +63,12 @@ impl Error {
             Error::CollectionExists(_) => Code::AlreadyExists,
             Error::FailedPrecondition(_) => Code::FailedPrecondition,
             Error::Overloaded(_) => Code::ResourceExhausted,
+            Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
             Error::Cancelled => Code::Cancelled,
             Error::Encoder(crate::encode::EncodeError::Stopped) => Code::Unavailable,
             Error::Store(crate::store::StoreError::Missing(_)) => Code::NotFound,
+            Error::Store(crate::store::StoreError::Busy(_)) => Code::Aborted,
             Error::Encoder(_) | Error::Store(_) | Error::Index(_) | Error::Internal(_) => {
                 Code::Internal
             }

@@ -10,6 +10,7 @@ pub mod engine;
 pub mod error;
 pub mod index;
 pub mod mine;
+pub mod refresh;
 pub mod store;
 
 use std::sync::Arc;

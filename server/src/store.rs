@@ -1,6 +1,7 @@
 //! The durable corpus store (redb, ACID): collection manifests, documents, the string id to
-//! u64 key mapping and every document's vector. Anything acknowledged to a client has been
-//! committed here first; indexes can always be rebuilt from it.
+//! u64 key mapping, and the documents' vectors per index generation (the current one, and one
+//! being built by a refresh). Anything acknowledged to a client has been committed here first;
+//! indexes can always be rebuilt from it. Making a built generation current is one commit.
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -17,6 +18,9 @@ pub enum StoreError {
     Corrupt { table: String, reason: String },
     #[error("collection {0:?} is not in the store")]
     Missing(String),
+    /// A generation operation that does not fit the collection's state.
+    #[error("{0}")]
+    Busy(String),
 }
 
 macro_rules! from_redb {
@@ -34,6 +38,40 @@ from_redb!(
     redb::CommitError
 );
 
+/// Where a generation's vectors came from.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum EncoderKind {
+    /// The server's configured encoder (encoder.model_dir).
+    Server,
+    /// A checkpoint directory under encoder.models_root, named by a re-encode refresh.
+    Checkpoint,
+    /// Vectors the trainer computed and uploaded; the server cannot encode text for them.
+    Trainer,
+}
+
+/// The encoder a generation's vectors belong to.
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EncoderRef {
+    pub kind: EncoderKind,
+    /// Model directory name, or the name the trainer gave.
+    pub name: String,
+    /// sha256 of the model's config and weights; empty for trainer vectors.
+    pub fingerprint: String,
+    /// The checkpoint directory, for `Checkpoint`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub dir: Option<String>,
+}
+
+/// A generation: the vectors of the collection's documents under one encoder.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct GenerationMeta {
+    pub number: u64,
+    pub encoder: EncoderRef,
+    pub dims: u32,
+    pub created_at_unix: u64,
+}
+
 /// A collection's manifest: what its vectors mean.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct CollectionMeta {
@@ -42,10 +80,11 @@ pub struct CollectionMeta {
     pub metric: String,
     /// "f32", "f16" or "i8".
     pub quantization: String,
-    pub dims: u32,
-    pub encoder_fingerprint: String,
-    pub encoder_name: String,
-    pub generation: u64,
+    /// The generation that answers queries.
+    pub current: GenerationMeta,
+    /// A generation being built (re-encode) or filled (trainer vectors), when one is.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub building: Option<GenerationMeta>,
     /// Next unused document key; keys are never reused, so an update gets a fresh one.
     pub next_key: u64,
     /// Bumped by every committed write; a saved index records the version it reflects.
@@ -92,9 +131,12 @@ fn docs_table(name: &str) -> String {
 fn ids_table(name: &str) -> String {
     format!("ids/{name}")
 }
-fn vecs_table(name: &str) -> String {
-    format!("vecs/{name}")
+/// The vectors of generation `generation`.
+fn vecs_table(name: &str, generation: u64) -> String {
+    format!("vecs/{name}/{generation}")
 }
+
+type VecsDef<'a> = TableDefinition<'a, u64, &'static [u8]>;
 
 fn vec_to_bytes(v: &[f32]) -> Vec<u8> {
     v.iter().flat_map(|x| x.to_le_bytes()).collect()
@@ -142,10 +184,10 @@ impl Store {
                 return Ok(false);
             }
             table.insert(meta.name.as_str(), encode(meta).as_slice())?;
-            let (d, i, v) = (docs_table(&meta.name), ids_table(&meta.name), vecs_table(&meta.name));
+            let (d, i, v) = (docs_table(&meta.name), ids_table(&meta.name), vecs_table(&meta.name, meta.current.number));
             tx.open_table(TableDefinition::<u64, &[u8]>::new(&d))?;
             tx.open_table(TableDefinition::<&str, u64>::new(&i))?;
-            tx.open_table(TableDefinition::<u64, &[u8]>::new(&v))?;
+            tx.open_table(VecsDef::new(&v))?;
         }
         tx.commit()?;
         Ok(true)
@@ -156,13 +198,16 @@ impl Store {
         let tx = self.db.begin_write()?;
         {
             let mut table = tx.open_table(COLLECTIONS)?;
-            if table.remove(name)?.is_none() {
+            let Some(raw) = table.remove(name)? else {
                 return Ok(false);
-            }
-            let (d, i, v) = (docs_table(name), ids_table(name), vecs_table(name));
+            };
+            let meta: CollectionMeta = decode("collections", raw.value())?;
+            let (d, i) = (docs_table(name), ids_table(name));
             tx.delete_table(TableDefinition::<u64, &[u8]>::new(&d))?;
             tx.delete_table(TableDefinition::<&str, u64>::new(&i))?;
-            tx.delete_table(TableDefinition::<u64, &[u8]>::new(&v))?;
+            for g in std::iter::once(&meta.current).chain(&meta.building) {
+                tx.delete_table(VecsDef::new(&vecs_table(name, g.number)))?;
+            }
         }
         tx.commit()?;
         Ok(true)
@@ -176,22 +221,26 @@ impl Store {
         decode("collections", raw.value())
     }
 
-    /// Writes documents with their vectors in one durable transaction. Documents whose id
-    /// exists replace it under a fresh key. Returns the new manifest and each document's keys.
+    /// Writes documents, with their vectors in the current generation when given (`None`: the
+    /// generation's encoder is the trainer's, and the document waits for its next vectors), in
+    /// one durable transaction. Documents whose id exists replace it under a fresh key. Returns
+    /// the new manifest and each document's keys.
     pub fn upsert(
         &self,
         name: &str,
-        docs: &[(StoredDoc, Vec<f32>)],
+        docs: &[(StoredDoc, Option<Vec<f32>>)],
     ) -> Result<(CollectionMeta, Vec<Written>), StoreError> {
         let tx = self.db.begin_write()?;
         let mut written = Vec::with_capacity(docs.len());
         let meta = {
             let mut collections = tx.open_table(COLLECTIONS)?;
             let mut meta = Self::meta_in(&collections, name)?;
-            let (d, i, v) = (docs_table(name), ids_table(name), vecs_table(name));
+            let (d, i, v) = (docs_table(name), ids_table(name), vecs_table(name, meta.current.number));
             let mut docs_t = tx.open_table(TableDefinition::<u64, &[u8]>::new(&d))?;
             let mut ids_t = tx.open_table(TableDefinition::<&str, u64>::new(&i))?;
-            let mut vecs_t = tx.open_table(TableDefinition::<u64, &[u8]>::new(&v))?;
+            let mut vecs_t = tx.open_table(VecsDef::new(&v))?;
+            let building = meta.building.as_ref().map(|b| vecs_table(name, b.number));
+            let mut building_t = building.as_ref().map(|b| tx.open_table(VecsDef::new(b))).transpose()?;
             for (doc, vector) in docs {
                 let key = meta.next_key;
                 meta.next_key += 1;
@@ -199,11 +248,16 @@ impl Store {
                 if let Some(old) = replaced {
                     docs_t.remove(old)?;
                     vecs_t.remove(old)?;
+                    if let Some(t) = building_t.as_mut() {
+                        t.remove(old)?;
+                    }
                 } else {
                     meta.doc_count += 1;
                 }
                 docs_t.insert(key, encode(doc).as_slice())?;
-                vecs_t.insert(key, vec_to_bytes(vector).as_slice())?;
+                if let Some(vector) = vector {
+                    vecs_t.insert(key, vec_to_bytes(vector).as_slice())?;
+                }
                 written.push(Written { key, replaced });
             }
             meta.version += 1;
@@ -227,15 +281,20 @@ impl Store {
         let meta = {
             let mut collections = tx.open_table(COLLECTIONS)?;
             let mut meta = Self::meta_in(&collections, name)?;
-            let (d, i, v) = (docs_table(name), ids_table(name), vecs_table(name));
+            let (d, i, v) = (docs_table(name), ids_table(name), vecs_table(name, meta.current.number));
             let mut docs_t = tx.open_table(TableDefinition::<u64, &[u8]>::new(&d))?;
             let mut ids_t = tx.open_table(TableDefinition::<&str, u64>::new(&i))?;
-            let mut vecs_t = tx.open_table(TableDefinition::<u64, &[u8]>::new(&v))?;
+            let mut vecs_t = tx.open_table(VecsDef::new(&v))?;
+            let building = meta.building.as_ref().map(|b| vecs_table(name, b.number));
+            let mut building_t = building.as_ref().map(|b| tx.open_table(VecsDef::new(b))).transpose()?;
             for id in ids {
                 match ids_t.remove(id.as_str())?.map(|k| k.value()) {
                     Some(key) => {
                         docs_t.remove(key)?;
                         vecs_t.remove(key)?;
+                        if let Some(t) = building_t.as_mut() {
+                            t.remove(key)?;
+                        }
                         removed.push(key);
                         meta.doc_count -= 1;
                     }
@@ -250,24 +309,117 @@ impl Store {
         Ok((meta, removed, missing))
     }
 
-    /// Every document with its key and vector, in key order.
-    pub fn scan(&self, name: &str) -> Result<Vec<(u64, StoredDoc, Vec<f32>)>, StoreError> {
+    /// Every document with its key, in key order.
+    pub fn scan(&self, name: &str) -> Result<Vec<(u64, StoredDoc)>, StoreError> {
         let tx = self.db.begin_read()?;
-        let (d, v) = (docs_table(name), vecs_table(name));
+        let d = docs_table(name);
         let docs_t = tx.open_table(TableDefinition::<u64, &[u8]>::new(&d))?;
-        let vecs_t = tx.open_table(TableDefinition::<u64, &[u8]>::new(&v))?;
         let mut out = Vec::with_capacity(docs_t.len()? as usize);
         for row in docs_t.iter()? {
             let (k, raw) = row?;
-            let key = k.value();
-            let doc: StoredDoc = decode(&d, raw.value())?;
-            let vector = vecs_t
-                .get(key)?
-                .map(|b| bytes_to_vec(b.value()))
-                .ok_or_else(|| StoreError::Corrupt { table: v.clone(), reason: format!("no vector for key {key}") })?;
-            out.push((key, doc, vector));
+            out.push((k.value(), decode(&d, raw.value())?));
         }
         Ok(out)
+    }
+
+    /// Every vector of a generation with its key, in key order.
+    pub fn scan_vectors(&self, name: &str, generation: u64) -> Result<Vec<(u64, Vec<f32>)>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let v = vecs_table(name, generation);
+        let table = tx.open_table(VecsDef::new(&v))?;
+        let mut out = Vec::with_capacity(table.len()? as usize);
+        for row in table.iter()? {
+            let (k, raw) = row?;
+            out.push((k.value(), bytes_to_vec(raw.value())));
+        }
+        Ok(out)
+    }
+
+    /// Starts a generation: records it as being built and creates its (empty) vector table.
+    /// Fails with [`StoreError::Busy`] when one is already being built.
+    pub fn begin_generation(&self, name: &str, generation: &GenerationMeta) -> Result<CollectionMeta, StoreError> {
+        let tx = self.db.begin_write()?;
+        let meta = {
+            let mut collections = tx.open_table(COLLECTIONS)?;
+            let mut meta = Self::meta_in(&collections, name)?;
+            if let Some(b) = &meta.building {
+                return Err(StoreError::Busy(format!("generation {} of {name:?} is being built", b.number)));
+            }
+            tx.open_table(VecsDef::new(&vecs_table(name, generation.number)))?;
+            meta.building = Some(generation.clone());
+            collections.insert(name, encode(&meta).as_slice())?;
+            meta
+        };
+        tx.commit()?;
+        Ok(meta)
+    }
+
+    /// Writes vectors into the generation being built; keys of documents deleted meanwhile
+    /// are skipped. Returns how many were written.
+    pub fn put_vectors(&self, name: &str, generation: u64, rows: &[(u64, Vec<f32>)]) -> Result<usize, StoreError> {
+        let tx = self.db.begin_write()?;
+        let mut written = 0;
+        {
+            let collections = tx.open_table(COLLECTIONS)?;
+            let meta = Self::meta_in(&collections, name)?;
+            if meta.building.as_ref().map(|b| b.number) != Some(generation) {
+                return Err(StoreError::Busy(format!("generation {generation} of {name:?} is not being built")));
+            }
+            let docs_t = tx.open_table(TableDefinition::<u64, &[u8]>::new(&docs_table(name)))?;
+            let mut table = tx.open_table(VecsDef::new(&vecs_table(name, generation)))?;
+            for (key, v) in rows {
+                if docs_t.get(*key)?.is_some() {
+                    table.insert(*key, vec_to_bytes(v).as_slice())?;
+                    written += 1;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(written)
+    }
+
+    /// How many vectors a generation holds.
+    pub fn count_vectors(&self, name: &str, generation: u64) -> Result<u64, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(VecsDef::new(&vecs_table(name, generation)))?;
+        Ok(table.len()?)
+    }
+
+    /// Makes the generation being built current, dropping the previous one's vectors, in one
+    /// commit: after a crash either the old or the new generation is current, never a mix.
+    pub fn commit_generation(&self, name: &str, generation: u64) -> Result<CollectionMeta, StoreError> {
+        let tx = self.db.begin_write()?;
+        let meta = {
+            let mut collections = tx.open_table(COLLECTIONS)?;
+            let mut meta = Self::meta_in(&collections, name)?;
+            let Some(building) = meta.building.take().filter(|b| b.number == generation) else {
+                return Err(StoreError::Busy(format!("generation {generation} of {name:?} is not being built")));
+            };
+            tx.delete_table(VecsDef::new(&vecs_table(name, meta.current.number)))?;
+            meta.current = building;
+            meta.version += 1;
+            collections.insert(name, encode(&meta).as_slice())?;
+            meta
+        };
+        tx.commit()?;
+        Ok(meta)
+    }
+
+    /// Forgets the generation being built and its vectors; None when there was none.
+    pub fn abort_generation(&self, name: &str) -> Result<Option<GenerationMeta>, StoreError> {
+        let tx = self.db.begin_write()?;
+        let aborted = {
+            let mut collections = tx.open_table(COLLECTIONS)?;
+            let mut meta = Self::meta_in(&collections, name)?;
+            let aborted = meta.building.take();
+            if let Some(b) = &aborted {
+                tx.delete_table(VecsDef::new(&vecs_table(name, b.number)))?;
+                collections.insert(name, encode(&meta).as_slice())?;
+            }
+            aborted
+        };
+        tx.commit()?;
+        Ok(aborted)
     }
 
     /// Documents by key; absent keys (deleted meanwhile) are left out.
@@ -284,11 +436,11 @@ impl Store {
         Ok(out)
     }
 
-    /// Vectors by key; absent keys are left out.
-    pub fn vectors(&self, name: &str, keys: &[u64]) -> Result<HashMap<u64, Vec<f32>>, StoreError> {
+    /// Vectors of a generation by key; absent keys are left out.
+    pub fn vectors(&self, name: &str, generation: u64, keys: &[u64]) -> Result<HashMap<u64, Vec<f32>>, StoreError> {
         let tx = self.db.begin_read()?;
-        let v = vecs_table(name);
-        let table = tx.open_table(TableDefinition::<u64, &[u8]>::new(&v))?;
+        let v = vecs_table(name, generation);
+        let table = tx.open_table(VecsDef::new(&v))?;
         let mut out = HashMap::with_capacity(keys.len());
         for &key in keys {
             if let Some(raw) = table.get(key)? {
@@ -308,13 +460,20 @@ mod tests {
             name: name.into(),
             metric: "cosine".into(),
             quantization: "f32".into(),
-            dims: 2,
-            encoder_fingerprint: "fp".into(),
-            encoder_name: "tiny".into(),
-            generation: 1,
+            current: generation(1, "tiny"),
+            building: None,
             next_key: 0,
             version: 0,
             doc_count: 0,
+            created_at_unix: 0,
+        }
+    }
+
+    fn generation(number: u64, name: &str) -> GenerationMeta {
+        GenerationMeta {
+            number,
+            encoder: EncoderRef { kind: EncoderKind::Server, name: name.into(), fingerprint: "fp".into(), dir: None },
+            dims: 2,
             created_at_unix: 0,
         }
     }
@@ -332,11 +491,11 @@ mod tests {
             assert!(store.create_collection(&meta("c")).unwrap());
             assert!(!store.create_collection(&meta("c")).unwrap(), "name taken");
             let (m, w) = store
-                .upsert("c", &[(doc("a", "alpha"), vec![1.0, 0.0]), (doc("b", "beta"), vec![0.0, 1.0])])
+                .upsert("c", &[(doc("a", "alpha"), Some(vec![1.0, 0.0])), (doc("b", "beta"), Some(vec![0.0, 1.0]))])
                 .unwrap();
             assert_eq!(m.doc_count, 2);
             assert_eq!(w, vec![Written { key: 0, replaced: None }, Written { key: 1, replaced: None }]);
-            let (m, w) = store.upsert("c", &[(doc("a", "alpha 2"), vec![0.5, 0.5])]).unwrap();
+            let (m, w) = store.upsert("c", &[(doc("a", "alpha 2"), Some(vec![0.5, 0.5]))]).unwrap();
             assert_eq!(m.doc_count, 2, "update keeps the count");
             assert_eq!(w, vec![Written { key: 2, replaced: Some(0) }]);
             let (m, removed, missing) = store.delete("c", &["b".into(), "zz".into()]).unwrap();
@@ -347,12 +506,45 @@ mod tests {
         assert_eq!(metas.len(), 1);
         assert_eq!(metas[0].version, 3);
         assert_eq!(metas[0].next_key, 3);
-        let rows = store.scan("c").unwrap();
-        assert_eq!(rows, vec![(2, doc("a", "alpha 2"), vec![0.5, 0.5])]);
-        assert_eq!(store.vectors("c", &[2, 0]).unwrap().len(), 1);
+        assert_eq!(store.scan("c").unwrap(), vec![(2, doc("a", "alpha 2"))]);
+        assert_eq!(store.scan_vectors("c", 1).unwrap(), vec![(2, vec![0.5, 0.5])]);
+        assert_eq!(store.vectors("c", 1, &[2, 0]).unwrap().len(), 1);
         assert!(store.drop_collection("c").unwrap());
         assert!(store.collections().unwrap().is_empty());
         assert!(matches!(store.upsert("c", &[]), Err(StoreError::Missing(_))));
+    }
+
+    #[test]
+    fn a_generation_becomes_current_in_one_commit_or_not_at_all() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("store.redb");
+        let store = Store::open(&path).unwrap();
+        store.create_collection(&meta("c")).unwrap();
+        store.upsert("c", &[(doc("a", "alpha"), Some(vec![1.0, 0.0])), (doc("b", "beta"), Some(vec![0.0, 1.0]))]).unwrap();
+        let m = store.begin_generation("c", &generation(2, "next")).unwrap();
+        assert_eq!(m.building.as_ref().unwrap().number, 2);
+        assert!(matches!(store.begin_generation("c", &generation(3, "other")), Err(StoreError::Busy(_))), "one at a time");
+        assert_eq!(store.put_vectors("c", 2, &[(0, vec![0.1, 0.9]), (99, vec![1.0, 1.0])]).unwrap(), 1, "unknown keys skipped");
+        // Writes during the build: an update drops the old key's pending vector; a delete too.
+        store.upsert("c", &[(doc("a", "alpha 2"), Some(vec![0.2, 0.8])), (doc("c", "gamma"), None)]).unwrap();
+        assert!(store.scan_vectors("c", 2).unwrap().is_empty(), "key 0 was replaced by key 2");
+        assert_eq!(store.scan_vectors("c", 1).unwrap().len(), 2, "b and the new a; c has no vector");
+        store.put_vectors("c", 2, &[(1, vec![0.3, 0.7])]).unwrap();
+        // A crash before the commit: reopen, the old generation is current and the build is
+        // still recorded, so the server can drop it.
+        drop(store);
+        let store = Store::open(&path).unwrap();
+        let m = &store.collections().unwrap()[0];
+        assert_eq!((m.current.number, m.building.as_ref().map(|b| b.number)), (1, Some(2)));
+        let m = store.commit_generation("c", 2).unwrap();
+        assert_eq!((m.current.number, m.current.encoder.name.as_str(), m.building.is_none()), (2, "next", true));
+        assert_eq!(store.scan_vectors("c", 2).unwrap(), vec![(1, vec![0.3, 0.7])]);
+        assert!(store.scan_vectors("c", 1).is_err(), "the old generation's vectors are gone");
+        assert!(matches!(store.commit_generation("c", 2), Err(StoreError::Busy(_))));
+        store.begin_generation("c", &generation(3, "x")).unwrap();
+        assert_eq!(store.abort_generation("c").unwrap().unwrap().number, 3);
+        assert!(store.collections().unwrap()[0].building.is_none());
+        assert!(store.drop_collection("c").unwrap());
     }
 
     #[test]

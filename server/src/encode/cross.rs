@@ -79,12 +79,8 @@ pub fn probability(logits: &[f32]) -> f32 {
             let (ea, eb) = ((a - m).exp(), (b - m).exp());
             eb / (ea + eb)
         }
-        // More labels: softmax, label 1 (the "relevant" convention of two-label heads).
-        many => {
-            let m = many.iter().copied().fold(f32::NEG_INFINITY, f32::max);
-            let sum: f32 = many.iter().map(|x| (x - m).exp()).sum();
-            many.get(1).map_or(0.0, |x| (x - m).exp() / sum)
-        }
+        // Refused at load: a cross-encoder has one or two labels.
+        _ => 0.0,
     }
 }
 
@@ -97,8 +93,11 @@ impl CrossEncoderModel {
         let head: HeadConfig =
             serde_json::from_slice(&config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
         let num_labels = head.num_labels.or(head.id2label.as_ref().map(|m| m.len())).unwrap_or(2);
-        if num_labels == 0 {
-            return Err(load_err(dir, "config.json: num_labels is 0"));
+        if !(1..=2).contains(&num_labels) {
+            return Err(load_err(
+                dir,
+                format!("config.json: {num_labels} labels; a cross-encoder has 1 (a relevance logit) or 2 (not relevant, relevant)"),
+            ));
         }
         let weights = read("model.safetensors")?;
         let mut hasher = Sha256::new();
@@ -163,7 +162,11 @@ impl CrossEncoderModel {
             // separators alone.
             Arch::XlmRoberta(model) => model.forward(&ids, &mask, &types.zeros_like()?)?,
         };
-        logits.to_dtype(DType::F32)?.to_vec2::<f32>()
+        let logits = logits.to_dtype(DType::F32)?.to_vec2::<f32>()?;
+        if logits.iter().flatten().any(|x| !x.is_finite()) {
+            candle_core::bail!("the cross-encoder produced a non-finite logit");
+        }
+        Ok(logits)
     }
 }
 

@@ -237,7 +237,7 @@ impl RerankState {
             return false;
         }
         let room = f.max_scored - self.scores.len();
-        self.budget += f.candidates.min(room).max(1);
+        self.budget += f.candidates.max(wanted - passed).min(room).max(1);
         true
     }
 }
