@@ -60,6 +60,11 @@ impl Server {
 
     /// As [`Server::start`], with extra `HARDNEG__SECTION__KEY` environment settings.
     pub async fn start_with(data_dir: &Path, env: &[(&str, &str)]) -> Self {
+        Self::start_with_model(data_dir, &model_dir(), env).await
+    }
+
+    /// As [`Server::start_with`], with `model` as the server's encoder.
+    pub async fn start_with_model(data_dir: &Path, model: &Path, env: &[(&str, &str)]) -> Self {
         let port = free_port();
         let log = data_dir.with_extension(format!("{port}.log"));
         let mut cmd = Command::new(bin("hardneg-server"));
@@ -68,7 +73,7 @@ impl Server {
             .arg("--data-dir")
             .arg(data_dir)
             .arg("--model-dir")
-            .arg(model_dir())
+            .arg(model)
             .stdout(Stdio::null())
             .stderr(std::fs::File::create(&log).unwrap());
         for (k, v) in env {

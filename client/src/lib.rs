@@ -128,4 +128,40 @@ impl Client {
     ) -> Result<tonic::Streaming<proto::MineResponse>> {
         Ok(self.miner.mine_stream(requests).await?.into_inner())
     }
+
+    /// Starts re-encoding `collection` with the checkpoint in `encoder_dir` (under the server's
+    /// encoder.models_root); yields progress until the new generation is current. The refresh
+    /// runs on if this stream is dropped.
+    pub async fn refresh(&mut self, collection: &str, encoder_dir: &str) -> Result<tonic::Streaming<proto::RefreshProgress>> {
+        let req = proto::RefreshRequest { collection: collection.into(), encoder_dir: encoder_dir.into() };
+        Ok(self.miner.refresh(req).await?.into_inner())
+    }
+
+    /// Streams (document id, vector) batches into the collection's pending generation, named
+    /// `encoder_name`. Commit with [`Client::commit_vectors`].
+    pub async fn upload_vectors(
+        &mut self,
+        collection: &str,
+        encoder_name: &str,
+        batches: impl Stream<Item = Vec<(String, Vec<f32>)>> + Send + 'static,
+    ) -> Result<proto::UploadVectorsResponse> {
+        use futures::StreamExt;
+        let (collection, encoder_name) = (collection.to_string(), encoder_name.to_string());
+        let requests = batches.map(move |batch| proto::UploadVectorsRequest {
+            collection: collection.clone(),
+            encoder_name: encoder_name.clone(),
+            vectors: batch.into_iter().map(|(id, vector)| proto::DocumentVector { id, vector }).collect(),
+        });
+        Ok(self.miner.upload_vectors(requests).await?.into_inner())
+    }
+
+    /// Makes the uploaded vectors the collection's current generation.
+    pub async fn commit_vectors(&mut self, collection: &str) -> Result<proto::CommitVectorsResponse> {
+        Ok(self.miner.commit_vectors(proto::CommitVectorsRequest { collection: collection.into() }).await?.into_inner())
+    }
+
+    /// Cancels a running re-encode or discards pending vectors.
+    pub async fn cancel_refresh(&mut self, collection: &str) -> Result<proto::CancelRefreshResponse> {
+        Ok(self.miner.cancel_refresh(proto::CancelRefreshRequest { collection: collection.into() }).await?.into_inner())
+    }
 }

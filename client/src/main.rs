@@ -69,7 +69,32 @@ enum Command {
         #[command(flatten)]
         opts: MineFlags,
     },
-    /// Every collection with its size and generation.
+    /// Move a collection to a new index generation: re-encode every document with a checkpoint
+    /// (--encoder, a directory under the server's encoder.models_root), or upload the trainer's
+    /// own vectors and commit them (--vectors with --encoder-name), or --cancel either.
+    Refresh {
+        #[arg(long)]
+        collection: String,
+        /// Checkpoint directory to re-encode with (relative to the server's models root).
+        #[arg(long, conflicts_with_all = ["vectors", "cancel"], required_unless_present_any = ["vectors", "cancel"])]
+        encoder: Option<String>,
+        /// JSONL of {"id","vector"}, or a .npy float32/float64 matrix with --ids.
+        #[arg(long, requires = "encoder_name", conflicts_with = "cancel")]
+        vectors: Option<PathBuf>,
+        /// For .npy vectors: document ids, one per line, in row order.
+        #[arg(long, requires = "vectors")]
+        ids: Option<PathBuf>,
+        /// Names the encoder the uploaded vectors came from (e.g. a checkpoint step).
+        #[arg(long)]
+        encoder_name: Option<String>,
+        /// Vectors per upload message.
+        #[arg(long, default_value_t = 1024)]
+        batch_size: usize,
+        /// Cancel a running re-encode or discard pending uploaded vectors.
+        #[arg(long)]
+        cancel: bool,
+    },
+    /// Every collection with its size, generation and pending documents.
     Status,
     /// Exit 0 when the server is serving, 1 otherwise.
     Health,
@@ -486,6 +511,132 @@ async fn eval(client: &mut Client, collection: &str, queries: &PathBuf, qrels: &
     Ok(())
 }
 
+async fn reencode(client: &mut Client, collection: &str, dir: &str) -> anyhow::Result<()> {
+    let mut stream = client.refresh(collection, dir).await?;
+    let bar = indicatif::ProgressBar::new(0);
+    bar.set_style(
+        indicatif::ProgressStyle::with_template("{msg} [{bar:40}] {pos}/{len} docs ({per_sec}, eta {eta})")
+            .expect("valid template")
+            .progress_chars("=> "),
+    );
+    let mut last = None;
+    while let Some(p) = stream.next().await {
+        let p = p.map_err(|s| anyhow::anyhow!("{}: {}", s.code(), s.message()))?;
+        bar.set_length(p.total);
+        bar.set_position(p.done);
+        bar.set_message(format!("generation {} {}", p.generation, p.phase));
+        last = Some(p);
+    }
+    bar.finish_and_clear();
+    let p = last.context("the server sent no progress")?;
+    println!(
+        "{}",
+        json!({"collection": p.collection, "generation": p.generation, "phase": p.phase, "documents": p.done,
+               "seconds": p.elapsed_seconds, "docs_per_second": p.docs_per_second})
+    );
+    Ok(())
+}
+
+/// Reads (id, vector) rows: JSONL {"id","vector"}, or a .npy matrix with an id file.
+fn read_vectors(path: &PathBuf, ids: Option<&PathBuf>) -> anyhow::Result<Vec<(String, Vec<f32>)>> {
+    if path.extension().is_some_and(|e| e == "npy") {
+        let ids_path = ids.context("a .npy file needs --ids (one document id per line, in row order)")?;
+        let ids: Vec<String> = std::fs::read_to_string(ids_path)
+            .with_context(|| ids_path.display().to_string())?
+            .lines()
+            .map(|l| l.trim().to_string())
+            .filter(|l| !l.is_empty())
+            .collect();
+        let rows = read_npy(path)?;
+        if rows.len() != ids.len() {
+            bail!("{}: {} rows, {}: {} ids", path.display(), rows.len(), ids_path.display(), ids.len());
+        }
+        return Ok(ids.into_iter().zip(rows).collect());
+    }
+    #[derive(serde::Deserialize)]
+    struct Row {
+        id: String,
+        vector: Vec<f32>,
+    }
+    let text = std::fs::read_to_string(path).with_context(|| path.display().to_string())?;
+    text.lines()
+        .enumerate()
+        .filter(|(_, l)| !l.trim().is_empty())
+        .map(|(i, l)| {
+            let row: Row = serde_json::from_str(l).with_context(|| format!("{}:{}", path.display(), i + 1))?;
+            Ok((row.id, row.vector))
+        })
+        .collect()
+}
+
+/// A 2-d little-endian float32 or float64 .npy matrix (C order), as rows of f32.
+fn read_npy(path: &PathBuf) -> anyhow::Result<Vec<Vec<f32>>> {
+    let bytes = std::fs::read(path).with_context(|| path.display().to_string())?;
+    let bad = |why: &str| anyhow::anyhow!("{}: {why}", path.display());
+    if bytes.len() < 10 || &bytes[..6] != b"\x93NUMPY" {
+        return Err(bad("not a .npy file"));
+    }
+    let (header_len, start) = match bytes[6] {
+        1 => (u16::from_le_bytes([bytes[8], bytes[9]]) as usize, 10),
+        2 | 3 if bytes.len() >= 12 => (u32::from_le_bytes([bytes[8], bytes[9], bytes[10], bytes[11]]) as usize, 12),
+        _ => return Err(bad("unsupported .npy version")),
+    };
+    let header = std::str::from_utf8(bytes.get(start..start + header_len).ok_or_else(|| bad("truncated header"))?)
+        .map_err(|_| bad("header is not text"))?;
+    let width = if header.contains("'<f4'") {
+        4
+    } else if header.contains("'<f8'") {
+        8
+    } else {
+        return Err(bad("dtype must be little-endian float32 or float64"));
+    };
+    if header.contains("'fortran_order': True") {
+        return Err(bad("Fortran order is not supported; save with numpy.ascontiguousarray"));
+    }
+    let shape = header
+        .split("'shape':")
+        .nth(1)
+        .and_then(|r| r.split(')').next())
+        .map(|r| r.trim().trim_start_matches('(').split(',').filter_map(|d| d.trim().parse::<usize>().ok()).collect::<Vec<_>>())
+        .ok_or_else(|| bad("no shape in the header"))?;
+    let [rows, cols] = shape[..] else {
+        return Err(bad("must be a 2-d matrix (documents x dims)"));
+    };
+    let data = &bytes[start + header_len..];
+    if data.len() != rows * cols * width {
+        return Err(bad("data size does not match the shape"));
+    }
+    let value = |i: usize| -> f32 {
+        let b = &data[i * width..(i + 1) * width];
+        if width == 4 { f32::from_le_bytes(b.try_into().expect("4 bytes")) } else { f64::from_le_bytes(b.try_into().expect("8 bytes")) as f32 }
+    };
+    Ok((0..rows).map(|r| (0..cols).map(|c| value(r * cols + c)).collect()).collect())
+}
+
+async fn upload(client: &mut Client, collection: &str, path: &PathBuf, ids: Option<&PathBuf>, encoder_name: &str, batch_size: usize) -> anyhow::Result<()> {
+    if batch_size == 0 {
+        bail!("--batch-size must be at least 1");
+    }
+    let rows = read_vectors(path, ids)?;
+    let started = Instant::now();
+    let batches: Vec<Vec<(String, Vec<f32>)>> = rows.chunks(batch_size).map(|c| c.to_vec()).collect();
+    let uploaded = client.upload_vectors(collection, encoder_name, futures::stream::iter(batches)).await?;
+    if uploaded.missing > 0 {
+        bail!(
+            "uploaded {} vectors into pending generation {}, but {} live documents still have none: upload them and run this again (or --cancel)",
+            uploaded.received, uploaded.generation, uploaded.missing
+        );
+    }
+    let committed = client.commit_vectors(collection).await?;
+    let info = committed.collection.unwrap_or_default();
+    println!(
+        "{}",
+        json!({"collection": collection, "generation": info.generation, "vectors": uploaded.received,
+               "seconds": started.elapsed().as_secs_f64(), "commit_seconds": committed.seconds})
+    );
+    Ok(())
+}
+
 fn percentile(sorted: &[f64], p: f64) -> f64 {
     if sorted.is_empty() {
         return 0.0;
@@ -578,6 +729,16 @@ async fn run(cli: Cli) -> anyhow::Result<bool> {
             }
         }
         Command::Health => return Ok(client.ready().await.unwrap_or(false)),
+        Command::Refresh { collection, encoder, vectors, ids, encoder_name, batch_size, cancel } => {
+            if cancel {
+                let r = client.cancel_refresh(&collection).await?;
+                println!("{}", json!({"collection": collection, "cancelled": r.cancelled, "what": r.what}));
+            } else if let Some(dir) = encoder {
+                reencode(&mut client, &collection, &dir).await?;
+            } else if let (Some(path), Some(name)) = (vectors, encoder_name) {
+                upload(&mut client, &collection, &path, ids.as_ref(), &name, batch_size).await?;
+            }
+        }
         Command::Drop { collection } => {
             let dropped = client.drop_collection(&collection).await?;
             println!("{}", json!({"collection": collection, "dropped": dropped}));
@@ -600,7 +761,10 @@ fn info_json(info: &proto::CollectionInfo) -> serde_json::Value {
         _ => "cosine",
     };
     json!({"name": info.name, "doc_count": info.doc_count, "dims": info.dims, "metric": metric, "quantization": quant,
-           "generation": info.generation, "encoder": info.encoder_name, "encoder_fingerprint": info.encoder_fingerprint})
+           "generation": info.generation, "encoder": info.encoder_name, "encoder_kind": info.encoder_kind,
+           "encoder_fingerprint": info.encoder_fingerprint, "pending_documents": info.pending_documents,
+           "building_generation": info.building_generation,
+           "refresh": info.refresh.as_ref().map(|p| json!({"generation": p.generation, "phase": p.phase, "done": p.done, "total": p.total}))})
 }
 
 #[tokio::main]

@@ -408,7 +408,12 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
             inserted += i;
             updated += u;
         }
-        let (doc_count, pending) = coll.map(|c| (c.meta.read().doc_count, c.docs.read().pending.len() as u64)).unwrap_or((0, 0));
+        let (doc_count, pending) = coll
+            .map(|c| {
+                let pending = c.docs.read().pending.len() as u64;
+                (c.meta.read().doc_count, pending)
+            })
+            .unwrap_or((0, 0));
         Ok(Response::new(pb::UpsertResponse { inserted, updated, doc_count, pending }))
     }
 

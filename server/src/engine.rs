@@ -377,8 +377,10 @@ impl Engine {
     }
 
     pub fn info(&self, coll: &Collection) -> pb::CollectionInfo {
-        let meta = coll.meta.read();
+        // One lock at a time: the refresh slot, then the manifest.
         let refresh = coll.refresh.lock().as_ref().map(|job| job.progress());
+        let pending_documents = coll.docs.read().pending.len() as u64;
+        let meta = coll.meta.read();
         pb::CollectionInfo {
             name: meta.name.clone(),
             doc_count: meta.doc_count,
@@ -402,7 +404,7 @@ impl Engine {
             }
             .into(),
             generation_created_at_unix: meta.current.created_at_unix,
-            pending_documents: coll.docs.read().pending.len() as u64,
+            pending_documents,
             building_generation: meta.building.as_ref().map(|b| b.number),
             refresh,
         }

@@ -25,8 +25,9 @@ use crate::index::VectorIndex;
 use crate::proto as pb;
 use crate::store::{EncoderKind, EncoderRef, GenerationMeta, StoreError};
 
-/// Documents encoded (and written) per step of a re-encode.
-const CHUNK: usize = 256;
+/// Documents encoded (and written) per step of a re-encode: small enough for fine-grained
+/// progress and prompt cancellation, large enough to fill model batches.
+const CHUNK: usize = 64;
 
 /// A running re-encode: its progress and a way to stop it.
 pub struct RefreshJob {
@@ -57,17 +58,22 @@ fn busy(e: StoreError) -> Error {
 
 /// Why the collection cannot start a refresh now, if it cannot.
 fn check_idle(coll: &Collection) -> Result<()> {
-    if let Some(job) = coll.refresh.lock().as_ref() {
-        let p = job.progress();
+    // One lock at a time: never the refresh slot and the manifest together.
+    let running = coll.refresh.lock().as_ref().map(RefreshJob::progress);
+    let (name, building) = {
+        let meta = coll.meta.read();
+        (meta.name.clone(), meta.building.clone())
+    };
+    if let Some(p) = running {
         return Err(Error::Aborted(format!(
-            "a re-encode refresh of {:?} to generation {} is running ({}, {}/{} documents): wait for it or cancel it (CancelRefresh)",
-            coll.meta.read().name, p.generation, p.phase, p.done, p.total
+            "a re-encode refresh of {name:?} to generation {} is running ({}, {}/{} documents): wait for it or cancel it (CancelRefresh)",
+            p.generation, p.phase, p.done, p.total
         )));
     }
-    if let Some(b) = &coll.meta.read().building {
+    if let Some(b) = building {
         return Err(Error::Aborted(format!(
-            "generation {} of {:?} is pending (trainer vectors for {:?}): commit it (CommitVectors) or cancel it (CancelRefresh)",
-            b.number, coll.meta.read().name, b.encoder.name
+            "generation {} of {name:?} is pending (trainer vectors for {:?}): commit it (CommitVectors) or cancel it (CancelRefresh)",
+            b.number, b.encoder.name
         )));
     }
     Ok(())
@@ -214,10 +220,9 @@ impl Engine {
             return Err(Error::Cancelled);
         }
         let index = self.commit_generation(coll, &name, number, index).await?;
-        coll.swap(
-            coll.meta.read().clone(),
-            Generation { meta: generation, index, encoder: Some(encoder), no_text: String::new() },
-        );
+        // (The manifest is read into its own statement: swap takes the write lock.)
+        let meta = coll.meta.read().clone();
+        coll.swap(meta, Generation { meta: generation, index, encoder: Some(encoder), no_text: String::new() });
         self.remove_old_generations(&name, number);
         Ok(())
     }
@@ -282,8 +287,8 @@ impl Engine {
         let dims = vectors.first().map(|(_, v)| v.len()).unwrap_or(0);
         let _w = coll.write.lock().await;
         let name = coll.live_name()?;
-        if let Some(job) = coll.refresh.lock().as_ref() {
-            let p = job.progress();
+        let running = coll.refresh.lock().as_ref().map(RefreshJob::progress);
+        if let Some(p) = running {
             return Err(Error::Aborted(format!(
                 "a re-encode refresh of {name:?} to generation {} is running: wait for it or cancel it (CancelRefresh)",
                 p.generation
@@ -390,7 +395,8 @@ impl Engine {
             "collection {name:?} generation {number} holds vectors from the trainer's encoder {:?}: the server cannot encode text for it; send query vectors (and upload vectors for new documents)",
             generation.encoder.name
         );
-        coll.swap(coll.meta.read().clone(), Generation { meta: generation, index, encoder: None, no_text });
+        let meta = coll.meta.read().clone();
+        coll.swap(meta, Generation { meta: generation, index, encoder: None, no_text });
         self.remove_old_generations(&name, number);
         tracing::info!(collection = %name, generation = number, "trainer vectors committed");
         Ok(number)
@@ -398,9 +404,11 @@ impl Engine {
 
     /// Cancels the running re-encode or discards the pending trainer vectors; says which.
     pub async fn cancel_refresh(&self, coll: &Arc<Collection>) -> Result<Option<String>> {
-        if let Some(job) = coll.refresh.lock().as_ref() {
+        let running = coll.refresh.lock().as_ref().map(|job| {
             job.cancel();
-            let p = job.progress();
+            job.progress()
+        });
+        if let Some(p) = running {
             return Ok(Some(format!("re-encode to generation {} cancelled", p.generation)));
         }
         let _w = coll.write.lock().await;

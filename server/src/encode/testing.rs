@@ -132,6 +132,30 @@ pub fn seeded_cross_encoder(body_dir: &Path, dst: &Path, num_labels: usize, seed
     candle_core::safetensors::save(&tensors, dst.join("model.safetensors")).unwrap();
 }
 
+/// Copies the bi-encoder in `src` to `dst` with seeded noise (std `noise`) added to every
+/// layer's output projection: a "later checkpoint" of the same model, with its own
+/// fingerprint and slightly different vectors.
+pub fn perturbed_checkpoint(src: &Path, dst: &Path, seed: u64, noise: f32) {
+    std::fs::create_dir_all(dst).unwrap();
+    for file in ["config.json", "tokenizer.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+        if src.join(file).exists() {
+            std::fs::create_dir_all(dst.join(file).parent().unwrap()).unwrap();
+            std::fs::copy(src.join(file), dst.join(file)).unwrap();
+        }
+    }
+    let mut rng = rand_chacha::ChaCha8Rng::seed_from_u64(seed);
+    let mut tensors = candle_core::safetensors::load(src.join("model.safetensors"), &Device::Cpu).unwrap();
+    let mut names: Vec<String> = tensors.keys().filter(|n| n.ends_with("output.dense.weight")).cloned().collect();
+    names.sort();
+    for name in names {
+        let t = &tensors[&name];
+        let delta = Tensor::from_vec(seeded_normal(&mut rng, t.elem_count(), noise), t.shape(), &Device::Cpu).unwrap();
+        let perturbed = (t + delta).unwrap();
+        tensors.insert(name, perturbed);
+    }
+    candle_core::safetensors::save(&tensors, dst.join("model.safetensors")).unwrap();
+}
+
 /// Writes a tiny random `XLMRobertaForSequenceClassification` (one label) into `dir`.
 pub fn tiny_xlm_roberta(dir: &Path) {
     let specials = ["<s>", "<pad>", "</s>", "<unk>"];
