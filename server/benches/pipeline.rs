@@ -6,7 +6,8 @@
 //! (with and without reranking) and on 100k documents.
 //!
 //! `cargo bench -p hardneg-server --bench pipeline` (needs scripts/fetch-models and
-//! ../shared/datasets). HARDNEG_BENCH=encode,search,rerank,mine picks parts;
+//! ../shared/datasets). HARDNEG_BENCH=encode,search,rerank,mine,refresh picks parts (refresh:
+//! re-encode and trainer-vector refresh times, peak memory, Mine latency during a re-encode);
 //! HARDNEG_BENCH_DOCS sets the large collection's size (default 100000).
 use std::path::PathBuf;
 use std::sync::Arc;
@@ -322,6 +323,145 @@ fn bench_mine(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
     mine_latency(rt, &engine, "synthetic", &no_positives, &format!("synthetic, {n} docs (HNSW)"), None);
 }
 
+/// Resident memory of this process, in MiB.
+fn rss_mib() -> f64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap_or_default();
+    status
+        .lines()
+        .find(|l| l.starts_with("VmRSS:"))
+        .and_then(|l| l.split_whitespace().nth(1))
+        .and_then(|kb| kb.parse::<f64>().ok())
+        .map_or(0.0, |kb| kb / 1024.0)
+}
+
+/// Runs `f`, sampling resident memory every 50 ms; returns its result, seconds, and the
+/// peak rise over the resident memory at the start (MiB).
+fn measured<T>(f: impl FnOnce() -> T) -> (T, f64, f64) {
+    let start = rss_mib();
+    let done = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let flag = done.clone();
+    let sampler = std::thread::spawn(move || {
+        let mut peak = 0f64;
+        while !flag.load(std::sync::atomic::Ordering::Acquire) {
+            peak = peak.max(rss_mib());
+            std::thread::sleep(std::time::Duration::from_millis(50));
+        }
+        peak
+    });
+    let started = Instant::now();
+    let out = f();
+    let secs = started.elapsed().as_secs_f64();
+    done.store(true, std::sync::atomic::Ordering::Release);
+    let peak = sampler.join().unwrap().max(rss_mib());
+    (out, secs, (peak - start).max(0.0))
+}
+
+fn bench_refresh(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
+    let data = tempfile::tempdir().unwrap();
+    let models = data.path().join("models");
+    hardneg_server::encode::testing::perturbed_checkpoint(&model_dir(), &models.join("step-2"), 2, 0.02);
+    let mut cfg = cfg;
+    cfg.server.data_dir = data.path().join("data");
+    cfg.encoder.models_root = models.clone();
+    let cfg = Arc::new(cfg);
+    let batch = BatchConfig { token_budget: cfg.encoder.token_budget, max_batch_texts: cfg.encoder.max_batch_texts, queue_capacity: 1024 };
+    let encoder = Encoder::load(&cfg.encoder.model_dir, cfg.encoder.max_tokens, batch).unwrap();
+    let engine = Arc::new(Engine::open(cfg.clone(), encoder, None).unwrap());
+    rt.block_on(engine.create("cranfield", Metric::Cosine, Quantization::F32)).unwrap();
+    let coll = engine.get("cranfield").unwrap();
+    rt.block_on(engine.upsert(&coll, cranfield_docs())).unwrap();
+    let queries: Vec<(String, Option<String>)> =
+        read_lines(dataset("cranfield").join("queries.jsonl")).into_iter().map(|q| (q.text, None)).collect();
+
+    println!("\n## refresh (1398 Cranfield documents; {n} synthetic documents with precomputed vectors)");
+    println!("| collection | mode | documents | seconds | documents/s | peak memory rise |");
+    println!("| --- | --- | --- | --- | --- | --- |");
+    // Mine latency alone, then while a re-encode runs.
+    let alone = mine_p50(rt, &engine, "cranfield", &queries, 12);
+    let dir = models.join("step-2");
+    let (during, secs, mem) = measured(|| {
+        rt.block_on(async {
+            let progress = engine.start_reencode(&coll, &dir).await.unwrap();
+            let mut latencies = Vec::new();
+            while !["done", "failed", "cancelled"].contains(&progress.borrow().phase.as_str()) {
+                latencies.push(mine_once(&engine, "cranfield", &queries, latencies.len()).await);
+            }
+            assert_eq!(progress.borrow().phase, "done", "{:?}", progress.borrow().error);
+            latencies
+        })
+    });
+    let reencode_rate = 1398.0 / secs;
+    println!("| Cranfield | re-encode (while mining) | 1398 | {secs:.1} | {:.1} | {mem:.0} MiB |", 1398.0 / secs);
+    let vectors: Vec<(String, Vec<f32>)> = {
+        let mut rng = ChaCha8Rng::seed_from_u64(5);
+        let docs = cranfield_docs();
+        let vs = clustered(docs.len(), 384, 50, &mut rng);
+        docs.into_iter().map(|d| d.id).zip(vs).collect()
+    };
+    let (_, secs, mem) = measured(|| {
+        rt.block_on(async {
+            engine.upload_vectors(&coll, "trainer", vectors.clone()).await.unwrap();
+            engine.commit_vectors(&coll).await.unwrap();
+        })
+    });
+    println!("| Cranfield | trainer vectors (upload + commit) | 1398 | {secs:.2} | {:.0} | {mem:.0} MiB |", 1398.0 / secs);
+
+    rt.block_on(engine.create("synthetic", Metric::Cosine, Quantization::F32)).unwrap();
+    let syn = engine.get("synthetic").unwrap();
+    let mut rng = ChaCha8Rng::seed_from_u64(3);
+    let base = clustered(n, 384, 1000, &mut rng);
+    for (c, chunk) in base.chunks(5000).enumerate() {
+        let docs = (0..chunk.len())
+            .map(|i| StoredDoc { id: format!("s{}", c * 5000 + i), title: None, text: format!("document {}", c * 5000 + i), metadata: Default::default() })
+            .collect();
+        rt.block_on(engine.upsert_encoded(&syn, docs, chunk.to_vec())).unwrap();
+    }
+    let fresh = clustered(n, 384, 1000, &mut rng);
+    let (_, secs, mem) = measured(|| {
+        rt.block_on(async {
+            for (c, chunk) in fresh.chunks(5000).enumerate() {
+                let rows = chunk.iter().enumerate().map(|(i, v)| (format!("s{}", c * 5000 + i), v.clone())).collect();
+                engine.upload_vectors(&syn, "trainer", rows).await.unwrap();
+            }
+            engine.commit_vectors(&syn).await.unwrap();
+        })
+    });
+    println!("| synthetic | trainer vectors (upload + commit) | {n} | {secs:.1} | {:.0} | {mem:.0} MiB |", n as f64 / secs);
+    let mut during = during;
+    during.sort_by(f64::total_cmp);
+    println!(
+        "\nMine, 32 Cranfield text queries, 8 negatives: p50 {:.0} ms alone, {:.0} ms during the re-encode ({:.2}x; {} requests during it)",
+        alone * 1e3,
+        percentile(&during, 0.5) * 1e3,
+        percentile(&during, 0.5) / alone,
+        during.len()
+    );
+    println!(
+        "(a re-encode of {n} documents at the rate measured above would take about {:.0} minutes on this machine; not run)",
+        n as f64 / reencode_rate / 60.0
+    );
+}
+
+async fn mine_once(engine: &Engine, collection: &str, queries: &[(String, Option<String>)], it: usize) -> f64 {
+    let req = pb::MineRequest {
+        collection: collection.into(),
+        batch_id: it as u64,
+        queries: (0..32).map(|j| pb::Query { text: queries[(it * 32 + j) % queries.len()].0.clone(), ..Default::default() }).collect(),
+        options: Some(pb::MineOptions { num_negatives: 8, seed: Some(it as u64), ..Default::default() }),
+        min_generation: None,
+    };
+    let params = hardneg_server::api::validate_mine(&req, &engine.cfg).unwrap();
+    let started = Instant::now();
+    engine.mine(&req, &params).await.unwrap();
+    started.elapsed().as_secs_f64()
+}
+
+fn mine_p50(rt: &tokio::runtime::Runtime, engine: &Engine, collection: &str, queries: &[(String, Option<String>)], n: usize) -> f64 {
+    let mut latencies: Vec<f64> = (0..n + 2).map(|it| rt.block_on(mine_once(engine, collection, queries, it))).skip(2).collect();
+    latencies.sort_by(f64::total_cmp);
+    percentile(&latencies, 0.5)
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mut cfg = Config::load(None, &Overrides { model_dir: Some(model_dir()), ..Default::default() }).unwrap();
@@ -338,6 +478,9 @@ fn main() {
         bench_rerank(&rt);
     }
     if part("mine") {
-        bench_mine(&rt, cfg, n);
+        bench_mine(&rt, cfg.clone(), n);
+    }
+    if part("refresh") {
+        bench_refresh(&rt, cfg, n);
     }
 }

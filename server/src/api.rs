@@ -584,3 +584,86 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
         Ok(Response::new(pb::CancelRefreshResponse { cancelled: what.is_some(), what: what.unwrap_or_else(|| "nothing was running".into()) }))
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg() -> Config {
+        Config::load_with_env(None, &Default::default(), Some(Default::default())).unwrap()
+    }
+
+    fn req(queries: usize, options: pb::MineOptions) -> pb::MineRequest {
+        pb::MineRequest {
+            collection: "c".into(),
+            batch_id: 0,
+            queries: (0..queries).map(|_| pb::Query { text: "wing flutter".into(), ..Default::default() }).collect(),
+            options: Some(options),
+            min_generation: None,
+        }
+    }
+
+    fn refused(options: pb::MineOptions, queries: usize) -> String {
+        match validate_mine(&req(queries, options), &cfg()) {
+            Err(Error::InvalidArgument { field, .. }) => field,
+            other => panic!("accepted or wrong error: {other:?}"),
+        }
+    }
+
+    #[test]
+    fn preset_fills_only_what_the_request_leaves_unset() {
+        let base = pb::MineOptions { num_negatives: 5, preset: pb::Preset::Denoised as i32, ..Default::default() };
+        let p = validate_mine(&req(1, base.clone()), &cfg()).unwrap();
+        assert_eq!(p.filters.relative_margin, Some(DENOISED_RELATIVE_MARGIN));
+        assert_eq!(p.filters.max_positive_similarity, Some(DENOISED_MAX_POSITIVE_SIMILARITY));
+        assert!(p.adaptive_depth);
+        let own = pb::MineOptions { relative_margin: Some(0.1), adaptive_depth: Some(false), ..base };
+        let p = validate_mine(&req(1, own), &cfg()).unwrap();
+        assert_eq!(p.filters.relative_margin, Some(0.1));
+        assert_eq!(p.filters.max_positive_similarity, Some(DENOISED_MAX_POSITIVE_SIMILARITY));
+        assert!(!p.adaptive_depth);
+        let none = validate_mine(&req(1, pb::MineOptions { num_negatives: 5, ..Default::default() }), &cfg()).unwrap();
+        assert_eq!((none.filters.relative_margin, none.filters.max_positive_similarity), (None, None));
+    }
+
+    #[test]
+    fn rerank_options_are_bounded_and_named() {
+        let rerank = pb::MineOptions { num_negatives: 5, rerank: Some(true), ..Default::default() };
+        let p = validate_mine(&req(2, rerank.clone()), &cfg()).unwrap().rerank.unwrap();
+        assert_eq!((p.candidates, p.max_scored), (15, 60), "3 x num_negatives, 4 rounds");
+        let cases = [
+            (pb::MineOptions { ce_max_score: Some(0.0), ..rerank.clone() }, 1, "options.ce_max_score"),
+            (pb::MineOptions { ce_max_score: Some(f32::NAN), ..rerank.clone() }, 1, "options.ce_max_score"),
+            (pb::MineOptions { ce_relative_margin: Some(1.0), ..rerank.clone() }, 1, "options.ce_relative_margin"),
+            (pb::MineOptions { rerank_candidates: Some(4), ..rerank.clone() }, 1, "options.rerank_candidates"),
+            (pb::MineOptions { rerank_candidates: Some(257), ..rerank.clone() }, 1, "options.rerank_candidates"),
+            (pb::MineOptions { rerank_candidates: Some(200), ..rerank.clone() }, 21, "options.rerank_candidates"),
+            (pb::MineOptions { ce_max_score: Some(0.1), rerank: None, ..rerank.clone() }, 1, "options.ce_max_score"),
+            (pb::MineOptions { max_positive_similarity: Some(-1.5), ..rerank.clone() }, 1, "options.max_positive_similarity"),
+        ];
+        for (options, queries, field) in cases {
+            assert_eq!(refused(options, queries), field);
+        }
+        let ok = pb::MineOptions { ce_max_score: Some(1.0), ce_relative_margin: Some(0.0), rerank_candidates: Some(5), ..rerank };
+        assert!(validate_mine(&req(1, ok), &cfg()).is_ok());
+    }
+
+    #[test]
+    fn checkpoint_paths_stay_under_the_models_root() {
+        let root = tempfile::tempdir().unwrap();
+        std::fs::create_dir_all(root.path().join("models/step-1")).unwrap();
+        std::fs::create_dir_all(root.path().join("elsewhere")).unwrap();
+        std::fs::write(root.path().join("models/file"), b"x").unwrap();
+        let models = root.path().join("models");
+        let ok = resolve_checkpoint("step-1", &models).unwrap();
+        assert_eq!(ok, models.join("step-1").canonicalize().unwrap());
+        assert_eq!(resolve_checkpoint(models.join("step-1").to_str().unwrap(), &models).unwrap(), ok, "absolute inside is fine");
+        #[cfg(unix)]
+        std::os::unix::fs::symlink(root.path().join("elsewhere"), models.join("link")).unwrap();
+        for bad in ["", "../elsewhere", "step-1/../../elsewhere", "missing", "file", "link", "."] {
+            assert!(matches!(resolve_checkpoint(bad, &models), Err(Error::InvalidArgument { .. })), "{bad:?} accepted");
+        }
+        let outside = root.path().join("elsewhere");
+        assert!(resolve_checkpoint(outside.to_str().unwrap(), &models).is_err());
+    }
+}

@@ -164,6 +164,8 @@ pub(crate) struct IndexManifest {
     quantization: String,
     encoder_name: String,
     encoder_fingerprint: String,
+    doc_count: u64,
+    created_at_unix: u64,
 }
 
 impl IndexManifest {
@@ -177,6 +179,8 @@ impl IndexManifest {
             quantization: meta.quantization.clone(),
             encoder_name: meta.current.encoder.name.clone(),
             encoder_fingerprint: meta.current.encoder.fingerprint.clone(),
+            doc_count: meta.doc_count,
+            created_at_unix: meta.current.created_at_unix,
         }
     }
 }
