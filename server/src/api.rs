@@ -501,11 +501,11 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                 "done" => (Ok(p), true),
                 "cancelled" => (Err(Status::aborted(format!("refresh of {:?} to generation {} cancelled", p.collection, p.generation))), true),
                 "failed" => (Err(Status::internal(format!("refresh of {:?} failed: {}", p.collection, p.error))), true),
-                _ => {
-                    // The job drops its sender only after the final state.
-                    let _ = rx.changed().await;
-                    (Ok(p), false)
-                }
+                _ => match rx.changed().await {
+                    Ok(()) => (Ok(p), false),
+                    // The job always sends a final state before its sender goes; this is a bug.
+                    Err(_) => (Err(Status::internal(format!("refresh of {:?} ended without a final state", p.collection))), true),
+                },
             };
             Some((item.0, (rx, item.1)))
         });

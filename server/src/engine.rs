@@ -190,8 +190,6 @@ pub struct Engine {
     pub(crate) store: Arc<Store>,
     /// The configured bi-encoder (encoder.model_dir).
     pub encoder: Encoder,
-    /// Encoders loaded from checkpoints by re-encode refreshes, by fingerprint.
-    checkpoints: parking_lot::Mutex<HashMap<String, Encoder>>,
     /// The cross-encoder, when reranker.model_dir is set.
     pub reranker: Option<Reranker>,
     collections: RwLock<HashMap<String, Arc<Collection>>>,
@@ -240,7 +238,6 @@ impl Engine {
             cfg,
             store,
             encoder,
-            checkpoints: parking_lot::Mutex::new(HashMap::new()),
             reranker,
             collections: RwLock::new(HashMap::new()),
             index_dir,
@@ -258,7 +255,8 @@ impl Engine {
         Ok(engine)
     }
 
-    /// Loads (or reuses) the encoder of a checkpoint directory.
+    /// Loads the encoder of a checkpoint directory. Each generation holds its own, so a model
+    /// leaves memory with the last generation (and request) using it.
     pub(crate) fn checkpoint_encoder(&self, dir: &Path) -> std::result::Result<Encoder, crate::encode::EncodeError> {
         let cfg = &self.cfg.encoder;
         let batch = crate::encode::BatchConfig {
@@ -266,9 +264,7 @@ impl Engine {
             max_batch_texts: cfg.max_batch_texts,
             queue_capacity: cfg.queue_capacity,
         };
-        let encoder = Encoder::load(dir, cfg.max_tokens, batch)?;
-        let mut cache = self.checkpoints.lock();
-        Ok(cache.entry(encoder.info().fingerprint.clone()).or_insert(encoder).clone())
+        Encoder::load(dir, cfg.max_tokens, batch)
     }
 
     /// The encoder that can encode text for a generation, or why none can.

@@ -130,7 +130,12 @@ impl Engine {
         let (this, coll) = (self.clone(), coll.clone());
         tokio::spawn(async move {
             let started = Instant::now();
-            let result = this.reencode(&coll, generation, encoder, &tx, &cancelled, started).await;
+            // Its own task, so that even a panic ends in the cleanup below.
+            let job = {
+                let (this, coll, tx, cancelled) = (this.clone(), coll.clone(), tx.clone(), cancelled.clone());
+                tokio::spawn(async move { this.reencode(&coll, generation, encoder, &tx, &cancelled, started).await })
+            };
+            let result = job.await.unwrap_or_else(|e| Err(Error::Internal(format!("refresh task: {e}"))));
             let mut last = tx.borrow().clone();
             last.elapsed_seconds = started.elapsed().as_secs_f64();
             match &result {
@@ -139,23 +144,16 @@ impl Engine {
                     tracing::info!(collection = %last.collection, generation = number, seconds = last.elapsed_seconds, "re-encode refresh done");
                 }
                 Err(e) => {
-                    let store = this.store.clone();
-                    let name = last.collection.clone();
-                    match blocking(move || Ok(store.abort_generation(&name)?)).await {
-                        Ok(_) => {
-                            if let Ok(meta) = blocking({
-                                let store = this.store.clone();
-                                let name = last.collection.clone();
-                                move || Ok(store.collections()?.into_iter().find(|m| m.name == name))
-                            })
-                            .await
-                            {
-                                if let Some(meta) = meta {
-                                    *coll.meta.write() = meta;
-                                }
-                            }
+                    // Under the write lock, and only while the collection is the one this job
+                    // started on: a dropped (and maybe re-created) collection is left alone.
+                    let _w = coll.write.lock().await;
+                    if coll.live_name().is_ok() {
+                        let store = this.store.clone();
+                        let name = last.collection.clone();
+                        match blocking(move || Ok(store.abort_generation(&name)?)).await {
+                            Ok(_) => coll.meta.write().building = None,
+                            Err(abort) => tracing::error!(collection = %last.collection, error = %abort, "could not drop the unfinished generation"),
                         }
-                        Err(abort) => tracing::error!(collection = %last.collection, error = %abort, "could not drop the unfinished generation"),
                     }
                     last.phase = if matches!(e, Error::Cancelled) { "cancelled" } else { "failed" }.into();
                     last.error = e.to_string();
@@ -191,7 +189,7 @@ impl Engine {
             if cancelled.load(Ordering::Acquire) {
                 return Err(Error::Cancelled);
             }
-            let written = self.encode_into(&name, number, chunk, &encoder, &index).await?;
+            let written = self.encode_into(coll, number, chunk, &encoder, &index).await?;
             done.extend(written);
             let elapsed = started.elapsed().as_secs_f64();
             progress.send_modify(|p| {
@@ -212,16 +210,14 @@ impl Engine {
         let mut added: Vec<u64> = live.difference(&done).copied().collect();
         added.sort_unstable();
         for chunk in added.chunks(CHUNK) {
-            self.encode_into(&name, number, chunk, &encoder, &index).await?;
+            self.encode_into(coll, number, chunk, &encoder, &index).await?;
         }
         let gone: Vec<u64> = done.difference(&live).copied().collect();
         index.remove(gone).await?;
         if cancelled.load(Ordering::Acquire) {
             return Err(Error::Cancelled);
         }
-        let index = self.commit_generation(coll, &name, number, index).await?;
-        // (The manifest is read into its own statement: swap takes the write lock.)
-        let meta = coll.meta.read().clone();
+        let (meta, index) = self.commit_generation(&name, number, index).await?;
         coll.swap(meta, Generation { meta: generation, index, encoder: Some(encoder), no_text: String::new() });
         self.remove_old_generations(&name, number);
         Ok(())
@@ -229,7 +225,8 @@ impl Engine {
 
     /// Encodes the documents of `keys` still in the store, writes their vectors into
     /// generation `number` and adds them to `index`; returns the keys written.
-    async fn encode_into(&self, name: &str, number: u64, keys: &[u64], encoder: &Encoder, index: &VectorIndex) -> Result<Vec<u64>> {
+    async fn encode_into(&self, coll: &Collection, number: u64, keys: &[u64], encoder: &Encoder, index: &VectorIndex) -> Result<Vec<u64>> {
+        let name = &coll.live_name()?;
         let store = self.store.clone();
         let (n, k) = (name.to_string(), keys.to_vec());
         let docs = blocking(move || Ok(store.docs(&n, &k)?)).await?;
@@ -238,6 +235,9 @@ impl Engine {
         let texts: Vec<String> = keys.iter().map(|k| docs[k].encoded_text()).collect();
         let vectors = encoder.encode(texts).await?;
         let rows: Vec<(u64, Vec<f32>)> = keys.iter().copied().zip(vectors).collect();
+        // A collection dropped while this chunk was encoding is not written to (its name may
+        // belong to a new one by now).
+        coll.live_name()?;
         let store = self.store.clone();
         let n = name.to_string();
         let rows = blocking(move || {
@@ -250,20 +250,21 @@ impl Engine {
     }
 
     /// Commits generation `number` in the store and saves its index (call under the write
-    /// lock); the caller then swaps it in.
-    async fn commit_generation(&self, coll: &Collection, name: &str, number: u64, index: VectorIndex) -> Result<VectorIndex> {
+    /// lock); returns the new manifest and the index for the caller to swap in.
+    async fn commit_generation(&self, name: &str, number: u64, index: VectorIndex) -> Result<(crate::store::CollectionMeta, VectorIndex)> {
         let store = self.store.clone();
         let n = name.to_string();
         let meta = blocking(move || store.commit_generation(&n, number).map_err(busy)).await?;
-        *coll.meta.write() = meta.clone();
         let dir = self.index_dir.join(name);
         let index = Arc::new(index);
         let saved = index.clone();
         // A failed save costs only a rebuild at the next start.
-        if let Err(e) = blocking(move || save_index(&saved, &dir, &IndexManifest::of(&meta))).await {
+        let manifest = IndexManifest::of(&meta);
+        if let Err(e) = blocking(move || save_index(&saved, &dir, &manifest)).await {
             tracing::warn!(collection = %name, generation = number, error = %e, "could not save the new generation's index; it will be rebuilt at start");
         }
-        Ok(Arc::try_unwrap(index).unwrap_or_else(|_| unreachable!("the save task has returned its handle")))
+        let index = Arc::try_unwrap(index).map_err(|_| Error::Internal("the index is still shared after its save".into()))?;
+        Ok((meta, index))
     }
 
     /// Removes saved indexes of generations before `current`. In-memory generations go
@@ -390,12 +391,11 @@ impl Engine {
         let building = index.clone();
         blocking(move || Ok(building.add_blocking(&vectors)?)).await?;
         let index = Arc::try_unwrap(index).unwrap_or_else(|_| unreachable!("the build task has returned its handle"));
-        let index = self.commit_generation(coll, &name, number, index).await?;
+        let (meta, index) = self.commit_generation(&name, number, index).await?;
         let no_text = format!(
             "collection {name:?} generation {number} holds vectors from the trainer's encoder {:?}: the server cannot encode text for it; send query vectors (and upload vectors for new documents)",
             generation.encoder.name
         );
-        let meta = coll.meta.read().clone();
         coll.swap(meta, Generation { meta: generation, index, encoder: None, no_text });
         self.remove_old_generations(&name, number);
         tracing::info!(collection = %name, generation = number, "trainer vectors committed");
@@ -409,7 +409,10 @@ impl Engine {
             job.progress()
         });
         if let Some(p) = running {
-            return Ok(Some(format!("re-encode to generation {} cancelled", p.generation)));
+            return Ok(Some(format!(
+                "cancel requested for the re-encode to generation {} (one already swapping completes; its stream says which)",
+                p.generation
+            )));
         }
         let _w = coll.write.lock().await;
         let name = coll.live_name()?;
