@@ -530,3 +530,62 @@ async fn reranking_and_the_positive_neighbourhood_filter() {
     assert!(v["dropped"]["margin"].as_u64().unwrap() > 0, "{v}");
     server.stop(Duration::from_secs(30));
 }
+
+/// GET http://addr/metrics over a plain socket.
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    socket.read_to_string(&mut out).await.unwrap();
+    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
+    out
+}
+
+/// The value of the sample `name{labels}` (labels as rendered, e.g. `rpc="Mine",code="Ok"`).
+fn sample(text: &str, series: &str) -> Option<f64> {
+    text.lines().find(|l| l.starts_with(series) && l[series.len()..].starts_with(' ')).and_then(|l| l.rsplit(' ').next()?.parse().ok())
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn metrics_count_requests_stages_and_drops() {
+    let tmp = tempfile::tempdir().unwrap();
+    let metrics_addr = format!("127.0.0.1:{}", hardneg_tests::free_port());
+    let server = Server::start_with(&tmp.path().join("data"), &[("HARDNEG__SERVER__METRICS_LISTEN", &metrics_addr)]).await;
+    let mut client = server.client().await;
+    small_collection(&mut client, "small").await;
+    let good = || mine_req("small", vec![text_query("wing stall")], options(2, 1));
+    for _ in 0..3 {
+        client.mine(good()).await.unwrap();
+    }
+    client.mine(mine_req("small", vec![], options(2, 1))).await.unwrap_err();
+    let reqs: Vec<proto::MineRequest> = (0..2).map(|b| proto::MineRequest { batch_id: b, ..good() }).collect();
+    let answers: Vec<_> = client.mine_stream(futures::stream::iter(reqs)).await.unwrap().collect().await;
+    assert_eq!(answers.len(), 2);
+    tokio::time::sleep(Duration::from_millis(2500)).await; // collection gauges refresh every 2 s
+
+    let text = scrape(&metrics_addr).await;
+    let at = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no sample {series} in\n{text}"));
+    assert_eq!(at(r#"hardneg_requests_total{rpc="Mine",code="Ok"}"#), 3.0);
+    assert_eq!(at(r#"hardneg_requests_total{rpc="Mine",code="InvalidArgument"}"#), 1.0);
+    assert_eq!(at(r#"hardneg_requests_total{rpc="Upsert",code="Ok"}"#), 1.0);
+    assert_eq!(at(r#"hardneg_stream_batches_total{rpc="MineStream",code="Ok"}"#), 2.0);
+    assert_eq!(at(r#"hardneg_rejected_requests_total{reason="invalid_argument"}"#), 1.0);
+    assert_eq!(at("hardneg_queries_total"), 5.0);
+    assert_eq!(at("hardneg_negatives_total"), 10.0);
+    assert_eq!(at(r#"hardneg_dropped_candidates_total{reason="positive"}"#), 5.0, "d0, the positive, is dropped each time");
+    assert_eq!(at(r#"hardneg_request_duration_seconds_count{rpc="Mine"}"#), 4.0);
+    for stage in ["tokenize", "queue_wait", "encode", "search", "filter"] {
+        assert!(at(&format!(r#"hardneg_stage_duration_seconds_count{{stage="{stage}"}}"#)) >= 5.0, "{stage}");
+        assert!(text.contains(&format!(r#"hardneg_stage_duration_seconds_bucket{{stage="{stage}",le="0.01"}}"#)), "{stage} has explicit buckets");
+    }
+    assert!(at(r#"hardneg_model_batch_texts_count{model="encoder"}"#) >= 1.0);
+    assert!(text.contains(r#"hardneg_model_batch_tokens_bucket{model="encoder",le="#));
+    assert_eq!(at(r#"hardneg_collection_documents{collection="small"}"#), 8.0);
+    assert_eq!(at(r#"hardneg_collection_indexed_vectors{collection="small"}"#), 8.0);
+    assert_eq!(at(r#"hardneg_collection_generation{collection="small"}"#), 1.0);
+    assert_eq!(at(r#"hardneg_collection_pending_documents{collection="small"}"#), 0.0);
+    assert_eq!(at(r#"hardneg_in_flight_requests{rpc="Mine"}"#), 0.0);
+    assert_eq!(at(r#"hardneg_open_streams{rpc="MineStream"}"#), 0.0);
+    server.stop(Duration::from_secs(30));
+}

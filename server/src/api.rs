@@ -334,119 +334,167 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
         &self,
         request: Request<pb::CreateCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
-        let req = request.into_inner();
-        validate_name("name", &req.name)?;
-        let metric = match pb::Metric::try_from(req.metric) {
-            Ok(pb::Metric::Unspecified | pb::Metric::Cosine) => Metric::Cosine,
-            Ok(pb::Metric::InnerProduct) => Metric::InnerProduct,
-            Err(_) => return Err(Error::invalid("metric", format!("unknown value {}", req.metric)).into()),
-        };
-        let quantization = match pb::Quantization::try_from(req.quantization) {
-            Ok(pb::Quantization::Unspecified | pb::Quantization::F32) => Quantization::F32,
-            Ok(pb::Quantization::F16) => Quantization::F16,
-            Ok(pb::Quantization::I8) => Quantization::I8,
-            Err(_) => return Err(Error::invalid("quantization", format!("unknown value {}", req.quantization)).into()),
-        };
-        Ok(Response::new(self.engine.create(&req.name, metric, quantization).await?))
+        let timer = crate::metrics::RequestTimer::start("CreateCollection");
+        let result = async move {
+            let req = request.into_inner();
+            validate_name("name", &req.name)?;
+            let metric = match pb::Metric::try_from(req.metric) {
+                Ok(pb::Metric::Unspecified | pb::Metric::Cosine) => Metric::Cosine,
+                Ok(pb::Metric::InnerProduct) => Metric::InnerProduct,
+                Err(_) => return Err(Error::invalid("metric", format!("unknown value {}", req.metric)).into()),
+            };
+            let quantization = match pb::Quantization::try_from(req.quantization) {
+                Ok(pb::Quantization::Unspecified | pb::Quantization::F32) => Quantization::F32,
+                Ok(pb::Quantization::F16) => Quantization::F16,
+                Ok(pb::Quantization::I8) => Quantization::I8,
+                Err(_) => return Err(Error::invalid("quantization", format!("unknown value {}", req.quantization)).into()),
+            };
+            Ok(Response::new(self.engine.create(&req.name, metric, quantization).await?))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn get_collection(
         &self,
         request: Request<pb::GetCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
-        let req = request.into_inner();
-        validate_name("name", &req.name)?;
-        let coll = self.engine.get(&req.name)?;
-        Ok(Response::new(self.engine.info(&coll)))
+        let timer = crate::metrics::RequestTimer::start("GetCollection");
+        let result = async move {
+            let req = request.into_inner();
+            validate_name("name", &req.name)?;
+            let coll = self.engine.get(&req.name)?;
+            Ok(Response::new(self.engine.info(&coll)))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn list_collections(
         &self,
         _request: Request<pb::ListCollectionsRequest>,
     ) -> Result<Response<pb::ListCollectionsResponse>, Status> {
-        Ok(Response::new(pb::ListCollectionsResponse { collections: self.engine.list() }))
+        let timer = crate::metrics::RequestTimer::start("ListCollections");
+        let result = async move {
+            Ok(Response::new(pb::ListCollectionsResponse { collections: self.engine.list() }))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn drop_collection(
         &self,
         request: Request<pb::DropCollectionRequest>,
     ) -> Result<Response<pb::DropCollectionResponse>, Status> {
-        let req = request.into_inner();
-        validate_name("name", &req.name)?;
-        let dropped = self.engine.drop_collection(&req.name).await?;
-        Ok(Response::new(pb::DropCollectionResponse { dropped }))
+        let timer = crate::metrics::RequestTimer::start("DropCollection");
+        let result = async move {
+            let req = request.into_inner();
+            validate_name("name", &req.name)?;
+            let dropped = self.engine.drop_collection(&req.name).await?;
+            Ok(Response::new(pb::DropCollectionResponse { dropped }))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn upsert(
         &self,
         request: Request<Streaming<pb::UpsertRequest>>,
     ) -> Result<Response<pb::UpsertResponse>, Status> {
-        let mut stream = request.into_inner();
-        let mut collection: Option<String> = None;
-        let (mut inserted, mut updated) = (0, 0);
-        let mut coll = None;
-        while let Some(msg) = stream.message().await? {
-            let name = match (&collection, msg.collection.as_str()) {
-                (None, "") => return Err(Error::invalid("collection", "is empty in the first message").into()),
-                (None, n) => {
-                    validate_name("collection", n)?;
-                    collection = Some(n.to_string());
-                    coll = Some(self.engine.get(n)?);
-                    n.to_string()
-                }
-                (Some(c), n) if n.is_empty() || n == c => c.clone(),
-                (Some(c), n) => {
-                    return Err(Error::invalid("collection", format!("changed from {c:?} to {n:?} within one stream")).into());
-                }
-            };
-            let docs = validate_docs(&msg.documents, &self.engine.cfg)?;
-            let coll = coll.as_ref().expect("set with the first message");
-            let (i, u) = self.engine.upsert(coll, docs).await.map_err(|e| {
-                tracing::debug!(collection = %name, error = %e, "upsert failed");
-                e
-            })?;
-            inserted += i;
-            updated += u;
+        let timer = crate::metrics::RequestTimer::start("Upsert");
+        let result = async move {
+            let mut stream = request.into_inner();
+            let mut collection: Option<String> = None;
+            let (mut inserted, mut updated) = (0, 0);
+            let mut coll = None;
+            while let Some(msg) = stream.message().await? {
+                let name = match (&collection, msg.collection.as_str()) {
+                    (None, "") => return Err(Error::invalid("collection", "is empty in the first message").into()),
+                    (None, n) => {
+                        validate_name("collection", n)?;
+                        collection = Some(n.to_string());
+                        coll = Some(self.engine.get(n)?);
+                        n.to_string()
+                    }
+                    (Some(c), n) if n.is_empty() || n == c => c.clone(),
+                    (Some(c), n) => {
+                        return Err(Error::invalid("collection", format!("changed from {c:?} to {n:?} within one stream")).into());
+                    }
+                };
+                let docs = validate_docs(&msg.documents, &self.engine.cfg)?;
+                let coll = coll.as_ref().expect("set with the first message");
+                let (i, u) = self.engine.upsert(coll, docs).await.map_err(|e| {
+                    tracing::debug!(collection = %name, error = %e, "upsert failed");
+                    e
+                })?;
+                inserted += i;
+                updated += u;
+            }
+            let (doc_count, pending) = coll
+                .map(|c| {
+                    let pending = c.docs.read().pending.len() as u64;
+                    (c.meta.read().doc_count, pending)
+                })
+                .unwrap_or((0, 0));
+            Ok(Response::new(pb::UpsertResponse { inserted, updated, doc_count, pending }))
         }
-        let (doc_count, pending) = coll
-            .map(|c| {
-                let pending = c.docs.read().pending.len() as u64;
-                (c.meta.read().doc_count, pending)
-            })
-            .unwrap_or((0, 0));
-        Ok(Response::new(pb::UpsertResponse { inserted, updated, doc_count, pending }))
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
-        let req = request.into_inner();
-        validate_name("collection", &req.collection)?;
-        check_id_count(&req.ids, &self.engine.cfg)?;
-        if let Some(i) = req.ids.iter().position(String::is_empty) {
-            return Err(Error::invalid(format!("ids[{i}]"), "is empty").into());
+        let timer = crate::metrics::RequestTimer::start("Delete");
+        let result = async move {
+            let req = request.into_inner();
+            validate_name("collection", &req.collection)?;
+            check_id_count(&req.ids, &self.engine.cfg)?;
+            if let Some(i) = req.ids.iter().position(String::is_empty) {
+                return Err(Error::invalid(format!("ids[{i}]"), "is empty").into());
+            }
+            let coll = self.engine.get(&req.collection)?;
+            let (deleted, not_found) = self.engine.delete(&coll, req.ids).await?;
+            Ok(Response::new(pb::DeleteResponse { deleted, not_found }))
         }
-        let coll = self.engine.get(&req.collection)?;
-        let (deleted, not_found) = self.engine.delete(&coll, req.ids).await?;
-        Ok(Response::new(pb::DeleteResponse { deleted, not_found }))
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn get_documents(
         &self,
         request: Request<pb::GetDocumentsRequest>,
     ) -> Result<Response<pb::GetDocumentsResponse>, Status> {
-        let req = request.into_inner();
-        validate_name("collection", &req.collection)?;
-        check_id_count(&req.ids, &self.engine.cfg)?;
-        let coll = self.engine.get(&req.collection)?;
-        let (docs, missing) = self.engine.documents(&coll, req.ids).await?;
-        let documents = docs
-            .into_iter()
-            .map(|d| pb::Document { id: d.id, text: d.text, title: d.title, metadata: d.metadata.into_iter().collect() })
-            .collect();
-        Ok(Response::new(pb::GetDocumentsResponse { documents, missing }))
+        let timer = crate::metrics::RequestTimer::start("GetDocuments");
+        let result = async move {
+            let req = request.into_inner();
+            validate_name("collection", &req.collection)?;
+            check_id_count(&req.ids, &self.engine.cfg)?;
+            let coll = self.engine.get(&req.collection)?;
+            let (docs, missing) = self.engine.documents(&coll, req.ids).await?;
+            let documents = docs
+                .into_iter()
+                .map(|d| pb::Document { id: d.id, text: d.text, title: d.title, metadata: d.metadata.into_iter().collect() })
+                .collect();
+            Ok(Response::new(pb::GetDocumentsResponse { documents, missing }))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn mine(&self, request: Request<pb::MineRequest>) -> Result<Response<pb::MineResponse>, Status> {
-        Ok(Response::new(mine_one(&self.engine, request.into_inner()).await?))
+        let timer = crate::metrics::RequestTimer::start("Mine");
+        let result = async move {
+            Ok(Response::new(mine_one(&self.engine, request.into_inner()).await?))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     type MineStreamStream = MineStreamOut;
@@ -457,131 +505,166 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
         &self,
         request: Request<Streaming<pb::MineRequest>>,
     ) -> Result<Response<Self::MineStreamStream>, Status> {
-        let engine = self.engine.clone();
-        let input = request.into_inner();
-        let output = input
-            .map(move |msg| {
-                let engine = engine.clone();
-                async move {
-                    let req = msg?;
-                    let batch_id = req.batch_id;
-                    mine_one(&engine, req).await.map_err(|e| {
-                        let status = Status::from(e);
-                        Status::new(status.code(), format!("batch {batch_id}: {}", status.message()))
-                    })
+        let timer = crate::metrics::RequestTimer::start("MineStream");
+        let result: Result<Response<Self::MineStreamStream>, Status> = async move {
+            let engine = self.engine.clone();
+            let input = request.into_inner();
+            let open = crate::metrics::OpenStream::new("MineStream");
+            let output = input
+                .map(move |msg| {
+                    let _open = &open;
+                    let engine = engine.clone();
+                    async move {
+                        let req = msg?;
+                        let batch_id = req.batch_id;
+                        let result = mine_one(&engine, req).await.map_err(|e| {
+                            let status = Status::from(e);
+                            Status::new(status.code(), format!("batch {batch_id}: {}", status.message()))
+                        });
+                        let code = result.as_ref().map_or_else(|s| s.code(), |_| tonic::Code::Ok);
+                        metrics::counter!(crate::metrics::STREAM_BATCHES, "rpc" => "MineStream", "code" => crate::metrics::code_name(code)).increment(1);
+                        result
+                    }
+                })
+                .buffered(STREAM_IN_FLIGHT);
+            // Stop after the first error: a gRPC stream ends with one status.
+            let output = output.scan(false, |failed, item| {
+                if *failed {
+                    return futures::future::ready(None);
                 }
-            })
-            .buffered(STREAM_IN_FLIGHT);
-        // Stop after the first error: a gRPC stream ends with one status.
-        let output = output.scan(false, |failed, item| {
-            if *failed {
-                return futures::future::ready(None);
-            }
-            *failed = item.is_err();
-            futures::future::ready(Some(item))
-        });
-        Ok(Response::new(Box::pin(output)))
+                *failed = item.is_err();
+                futures::future::ready(Some(item))
+            });
+            Ok(Response::new(Box::pin(output) as Self::MineStreamStream))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     type RefreshStream = Pin<Box<dyn Stream<Item = Result<pb::RefreshProgress, Status>> + Send>>;
 
     async fn refresh(&self, request: Request<pb::RefreshRequest>) -> Result<Response<Self::RefreshStream>, Status> {
-        let req = request.into_inner();
-        validate_name("collection", &req.collection)?;
-        let dir = resolve_checkpoint(&req.encoder_dir, &self.engine.cfg.encoder.models_root)?;
-        let coll = self.engine.get(&req.collection)?;
-        let rx = self.engine.start_reencode(&coll, &dir).await?;
-        // Every change, then the end: a failed or cancelled refresh ends with its status.
-        let stream = futures::stream::unfold((rx, false), |(mut rx, finished)| async move {
-            if finished {
-                return None;
-            }
-            let p = rx.borrow_and_update().clone();
-            let item = match p.phase.as_str() {
-                "done" => (Ok(p), true),
-                "cancelled" => (Err(Status::aborted(format!("refresh of {:?} to generation {} cancelled", p.collection, p.generation))), true),
-                "failed" => (Err(Status::internal(format!("refresh of {:?} failed: {}", p.collection, p.error))), true),
-                _ => match rx.changed().await {
-                    Ok(()) => (Ok(p), false),
-                    // The job always sends a final state before its sender goes; this is a bug.
-                    Err(_) => (Err(Status::internal(format!("refresh of {:?} ended without a final state", p.collection))), true),
-                },
-            };
-            Some((item.0, (rx, item.1)))
-        });
-        Ok(Response::new(Box::pin(stream)))
+        let timer = crate::metrics::RequestTimer::start("Refresh");
+        let result: Result<Response<Self::RefreshStream>, Status> = async move {
+            let req = request.into_inner();
+            validate_name("collection", &req.collection)?;
+            let dir = resolve_checkpoint(&req.encoder_dir, &self.engine.cfg.encoder.models_root)?;
+            let coll = self.engine.get(&req.collection)?;
+            let rx = self.engine.start_reencode(&coll, &dir).await?;
+            // Every change, then the end: a failed or cancelled refresh ends with its status.
+            let stream = futures::stream::unfold((rx, false), |(mut rx, finished)| async move {
+                if finished {
+                    return None;
+                }
+                let p = rx.borrow_and_update().clone();
+                let item = match p.phase.as_str() {
+                    "done" => (Ok(p), true),
+                    "cancelled" => (Err(Status::aborted(format!("refresh of {:?} to generation {} cancelled", p.collection, p.generation))), true),
+                    "failed" => (Err(Status::internal(format!("refresh of {:?} failed: {}", p.collection, p.error))), true),
+                    _ => match rx.changed().await {
+                        Ok(()) => (Ok(p), false),
+                        // The job always sends a final state before its sender goes; this is a bug.
+                        Err(_) => (Err(Status::internal(format!("refresh of {:?} ended without a final state", p.collection))), true),
+                    },
+                };
+                Some((item.0, (rx, item.1)))
+            });
+            Ok(Response::new(Box::pin(stream) as Self::RefreshStream))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn upload_vectors(
         &self,
         request: Request<Streaming<pb::UploadVectorsRequest>>,
     ) -> Result<Response<pb::UploadVectorsResponse>, Status> {
-        let mut stream = request.into_inner();
-        let mut target: Option<(Arc<crate::engine::Collection>, String)> = None;
-        let mut out = pb::UploadVectorsResponse::default();
-        while let Some(msg) = stream.message().await? {
+        let timer = crate::metrics::RequestTimer::start("UploadVectors");
+        let result = async move {
+            let mut stream = request.into_inner();
+            let mut target: Option<(Arc<crate::engine::Collection>, String)> = None;
+            let mut out = pb::UploadVectorsResponse::default();
+            while let Some(msg) = stream.message().await? {
+                if target.is_none() {
+                    validate_name("collection", &msg.collection)?;
+                    let name = msg.encoder_name.trim();
+                    if name.is_empty() || name.len() > 256 {
+                        return Err(Error::invalid("encoder_name", "is required in the first message (1-256 bytes)").into());
+                    }
+                    target = Some((self.engine.get(&msg.collection)?, name.to_string()));
+                }
+                let (coll, encoder_name) = target.as_ref().expect("set by the first message");
+                let current = coll.meta.read().name.clone();
+                if !msg.collection.is_empty() && msg.collection != current {
+                    return Err(Error::invalid("collection", format!("changed from {current:?} to {:?} within one stream", msg.collection)).into());
+                }
+                if !msg.encoder_name.is_empty() && msg.encoder_name.trim() != encoder_name {
+                    return Err(Error::invalid("encoder_name", "changed within one stream").into());
+                }
+                if msg.vectors.len() > self.engine.cfg.limits.max_docs_per_message {
+                    return Err(Error::invalid(
+                        "vectors",
+                        format!("{} vectors in one message, the limit is {} (limits.max_docs_per_message)", msg.vectors.len(), self.engine.cfg.limits.max_docs_per_message),
+                    )
+                    .into());
+                }
+                let dims = msg.vectors.first().map(|v| v.vector.len()).unwrap_or(0);
+                for (i, v) in msg.vectors.iter().enumerate() {
+                    if v.id.is_empty() {
+                        return Err(Error::invalid(format!("vectors[{i}].id"), "is empty").into());
+                    }
+                    if v.vector.is_empty() || v.vector.len() != dims || dims > 65536 {
+                        return Err(Error::invalid(format!("vectors[{i}].vector"), format!("has {} dims, vectors[0] has {dims}", v.vector.len())).into());
+                    }
+                    if let Some(j) = v.vector.iter().position(|x| !x.is_finite()) {
+                        return Err(Error::invalid(format!("vectors[{i}].vector[{j}]"), format!("must be finite, got {}", v.vector[j])).into());
+                    }
+                }
+                let items = msg.vectors.into_iter().map(|v| (v.id, v.vector)).collect();
+                let (written, generation, missing) = self.engine.upload_vectors(coll, encoder_name, items).await?;
+                out.received += written;
+                out.generation = generation;
+                out.missing = missing;
+            }
             if target.is_none() {
-                validate_name("collection", &msg.collection)?;
-                let name = msg.encoder_name.trim();
-                if name.is_empty() || name.len() > 256 {
-                    return Err(Error::invalid("encoder_name", "is required in the first message (1-256 bytes)").into());
-                }
-                target = Some((self.engine.get(&msg.collection)?, name.to_string()));
+                return Err(Error::invalid("collection", "no message received").into());
             }
-            let (coll, encoder_name) = target.as_ref().expect("set by the first message");
-            let current = coll.meta.read().name.clone();
-            if !msg.collection.is_empty() && msg.collection != current {
-                return Err(Error::invalid("collection", format!("changed from {current:?} to {:?} within one stream", msg.collection)).into());
-            }
-            if !msg.encoder_name.is_empty() && msg.encoder_name.trim() != encoder_name {
-                return Err(Error::invalid("encoder_name", "changed within one stream").into());
-            }
-            if msg.vectors.len() > self.engine.cfg.limits.max_docs_per_message {
-                return Err(Error::invalid(
-                    "vectors",
-                    format!("{} vectors in one message, the limit is {} (limits.max_docs_per_message)", msg.vectors.len(), self.engine.cfg.limits.max_docs_per_message),
-                )
-                .into());
-            }
-            let dims = msg.vectors.first().map(|v| v.vector.len()).unwrap_or(0);
-            for (i, v) in msg.vectors.iter().enumerate() {
-                if v.id.is_empty() {
-                    return Err(Error::invalid(format!("vectors[{i}].id"), "is empty").into());
-                }
-                if v.vector.is_empty() || v.vector.len() != dims || dims > 65536 {
-                    return Err(Error::invalid(format!("vectors[{i}].vector"), format!("has {} dims, vectors[0] has {dims}", v.vector.len())).into());
-                }
-                if let Some(j) = v.vector.iter().position(|x| !x.is_finite()) {
-                    return Err(Error::invalid(format!("vectors[{i}].vector[{j}]"), format!("must be finite, got {}", v.vector[j])).into());
-                }
-            }
-            let items = msg.vectors.into_iter().map(|v| (v.id, v.vector)).collect();
-            let (written, generation, missing) = self.engine.upload_vectors(coll, encoder_name, items).await?;
-            out.received += written;
-            out.generation = generation;
-            out.missing = missing;
+            Ok(Response::new(out))
         }
-        if target.is_none() {
-            return Err(Error::invalid("collection", "no message received").into());
-        }
-        Ok(Response::new(out))
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn commit_vectors(&self, request: Request<pb::CommitVectorsRequest>) -> Result<Response<pb::CommitVectorsResponse>, Status> {
-        let req = request.into_inner();
-        validate_name("collection", &req.collection)?;
-        let coll = self.engine.get(&req.collection)?;
-        let started = std::time::Instant::now();
-        self.engine.commit_vectors(&coll).await?;
-        Ok(Response::new(pb::CommitVectorsResponse { collection: Some(self.engine.info(&coll)), seconds: started.elapsed().as_secs_f64() }))
+        let timer = crate::metrics::RequestTimer::start("CommitVectors");
+        let result = async move {
+            let req = request.into_inner();
+            validate_name("collection", &req.collection)?;
+            let coll = self.engine.get(&req.collection)?;
+            let started = std::time::Instant::now();
+            self.engine.commit_vectors(&coll).await?;
+            Ok(Response::new(pb::CommitVectorsResponse { collection: Some(self.engine.info(&coll)), seconds: started.elapsed().as_secs_f64() }))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 
     async fn cancel_refresh(&self, request: Request<pb::CancelRefreshRequest>) -> Result<Response<pb::CancelRefreshResponse>, Status> {
-        let req = request.into_inner();
-        validate_name("collection", &req.collection)?;
-        let coll = self.engine.get(&req.collection)?;
-        let what = self.engine.cancel_refresh(&coll).await?;
-        Ok(Response::new(pb::CancelRefreshResponse { cancelled: what.is_some(), what: what.unwrap_or_else(|| "nothing was running".into()) }))
+        let timer = crate::metrics::RequestTimer::start("CancelRefresh");
+        let result = async move {
+            let req = request.into_inner();
+            validate_name("collection", &req.collection)?;
+            let coll = self.engine.get(&req.collection)?;
+            let what = self.engine.cancel_refresh(&coll).await?;
+            Ok(Response::new(pb::CancelRefreshResponse { cancelled: what.is_some(), what: what.unwrap_or_else(|| "nothing was running".into()) }))
+        }
+        .await;
+        timer.finish(&result);
+        result
     }
 }
 

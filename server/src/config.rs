@@ -22,6 +22,8 @@ pub struct Config {
 #[serde(deny_unknown_fields)]
 pub struct ServerConfig {
     pub listen: String,
+    /// Empty: no metrics endpoint.
+    pub metrics_listen: String,
     pub data_dir: PathBuf,
     pub shutdown_grace_seconds: u64,
 }
@@ -88,6 +90,7 @@ pub struct LimitsConfig {
 #[derive(Debug, Default, Clone)]
 pub struct Overrides {
     pub listen: Option<String>,
+    pub metrics_listen: Option<String>,
     pub data_dir: Option<PathBuf>,
     pub model_dir: Option<PathBuf>,
     pub reranker_dir: Option<PathBuf>,
@@ -130,6 +133,9 @@ impl Config {
         builder = builder.add_source(environment);
         if let Some(listen) = &overrides.listen {
             builder = builder.set_override("server.listen", listen.as_str())?;
+        }
+        if let Some(addr) = &overrides.metrics_listen {
+            builder = builder.set_override("server.metrics_listen", addr.as_str())?;
         }
         if let Some(dir) = &overrides.data_dir {
             builder = builder.set_override("server.data_dir", dir.to_string_lossy().as_ref())?;
@@ -187,6 +193,12 @@ impl Config {
                 reason: "must be a finite number of seconds, 0 or more".into(),
             });
         }
+        if !self.server.metrics_listen.is_empty() && self.server.metrics_listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(ConfigError::Invalid {
+                field: "server.metrics_listen",
+                reason: format!("{:?} is not an ADDR:PORT socket address (or empty to turn metrics off)", self.server.metrics_listen),
+            });
+        }
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
                 field: "server.listen",
@@ -234,12 +246,14 @@ mod tests {
             data_dir: Some("/tmp/x".into()),
             model_dir: Some("/m".into()),
             reranker_dir: Some("/r".into()),
+            metrics_listen: Some("127.0.0.1:7001".into()),
         };
         let cfg = Config::load_with_env(Some(&file), &flags, Some(env)).unwrap();
         assert_eq!(cfg.server.listen, "127.0.0.1:7000", "flags beat env");
         assert_eq!(cfg.server.data_dir, PathBuf::from("/tmp/x"));
         assert_eq!(cfg.encoder.model_dir, PathBuf::from("/m"));
         assert_eq!(cfg.reranker.model_dir, PathBuf::from("/r"));
+        assert_eq!(cfg.server.metrics_listen, "127.0.0.1:7001");
     }
 
     #[test]

@@ -410,6 +410,23 @@ impl Engine {
         }
     }
 
+    /// Sets the per-collection gauges (documents, pending, indexed vectors, generation).
+    pub fn export_collection_gauges(&self) {
+        let colls: Vec<Arc<Collection>> = self.collections.read().values().cloned().collect();
+        for coll in colls {
+            let (name, docs, generation) = {
+                let meta = coll.meta.read();
+                (meta.name.clone(), meta.doc_count, meta.current.number)
+            };
+            let pending = coll.docs.read().pending.len();
+            let indexed = coll.current().index.len();
+            metrics::gauge!(crate::metrics::COLLECTION_DOCUMENTS, "collection" => name.clone()).set(docs as f64);
+            metrics::gauge!(crate::metrics::COLLECTION_PENDING, "collection" => name.clone()).set(pending as f64);
+            metrics::gauge!(crate::metrics::COLLECTION_INDEXED, "collection" => name.clone()).set(indexed as f64);
+            metrics::gauge!(crate::metrics::COLLECTION_GENERATION, "collection" => name).set(generation as f64);
+        }
+    }
+
     pub fn list(&self) -> Vec<pb::CollectionInfo> {
         let mut colls: Vec<Arc<Collection>> = self.collections.read().values().cloned().collect();
         colls.sort_by(|a, b| a.meta.read().name.cmp(&b.meta.read().name));
@@ -867,7 +884,7 @@ impl Engine {
             HashMap::new()
         };
         let table = coll.docs.read();
-        let results = req
+        let results: Vec<pb::QueryResult> = req
             .queries
             .iter()
             .enumerate()
@@ -907,6 +924,7 @@ impl Engine {
             })
             .collect();
         filter_seconds += t_sample.elapsed().as_secs_f64();
+        record_mine(&results, encode_seconds, search_seconds, filter_seconds, rerank_seconds);
         Ok(pb::MineResponse {
             batch_id: req.batch_id,
             generation,
@@ -919,6 +937,30 @@ impl Engine {
                 rerank_seconds,
             }),
         })
+    }
+}
+
+/// Stage durations, queries and negatives served, and candidates dropped by reason.
+fn record_mine(results: &[pb::QueryResult], encode: f64, search: f64, filter: f64, rerank: f64) {
+    use crate::metrics::{DROPPED, NEGATIVES, QUERIES, stage};
+    stage("encode", encode);
+    stage("search", search);
+    stage("filter", filter);
+    if rerank > 0.0 {
+        stage("rerank", rerank);
+    }
+    metrics::counter!(QUERIES).increment(results.len() as u64);
+    metrics::counter!(NEGATIVES).increment(results.iter().map(|r| r.negatives.len() as u64).sum());
+    let mut totals = [0u64; 9];
+    for d in results.iter().filter_map(|r| r.dropped.as_ref()) {
+        let counts = [d.positive, d.duplicate_text, d.batch_positive, d.window, d.score_bound, d.margin, d.positive_similarity, d.ce_score, d.ce_margin];
+        for (t, c) in totals.iter_mut().zip(counts) {
+            *t += c as u64;
+        }
+    }
+    let reasons = ["positive", "duplicate_text", "batch_positive", "window", "score_bound", "margin", "positive_similarity", "ce_score", "ce_margin"];
+    for (reason, n) in reasons.into_iter().zip(totals) {
+        metrics::counter!(DROPPED, "reason" => reason).increment(n);
     }
 }
 

@@ -79,6 +79,7 @@ impl Error {
 impl From<Error> for Status {
     fn from(err: Error) -> Self {
         let code = err.code();
+        metrics::counter!(crate::metrics::REJECTED, "reason" => err.kind()).increment(1);
         if code == Code::Internal {
             tracing::error!(kind = err.kind(), error = %err, "request failed");
         }

@@ -9,6 +9,7 @@ pub mod encode;
 pub mod engine;
 pub mod error;
 pub mod index;
+pub mod metrics;
 pub mod mine;
 pub mod refresh;
 pub mod store;
@@ -69,6 +70,11 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
     };
     let engine_cfg = cfg.clone();
     let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(engine_cfg, encoder, reranker)).await??);
+
+    if !cfg.server.metrics_listen.is_empty() {
+        let addr = cfg.server.metrics_listen.parse().expect("validated with the configuration");
+        metrics::install(addr, engine.clone())?;
+    }
 
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)

@@ -17,6 +17,9 @@ struct Args {
     /// gRPC listen address, ADDR:PORT (server.listen).
     #[arg(long)]
     listen: Option<String>,
+    /// Prometheus metrics address, ADDR:PORT (server.metrics_listen).
+    #[arg(long)]
+    metrics_listen: Option<String>,
     /// Data directory for the store and saved indexes (server.data_dir).
     #[arg(long)]
     data_dir: Option<PathBuf>,
@@ -48,7 +51,7 @@ fn main() -> std::process::ExitCode {
         .with_writer(std::io::stderr)
         .init();
     let args = Args::parse();
-    let overrides = Overrides { listen: args.listen, data_dir: args.data_dir, model_dir: args.model_dir, reranker_dir: args.reranker_dir };
+    let overrides = Overrides { listen: args.listen, metrics_listen: args.metrics_listen, data_dir: args.data_dir, model_dir: args.model_dir, reranker_dir: args.reranker_dir };
     let cfg = match Config::load(args.config.as_deref(), &overrides) {
         Ok(cfg) => cfg,
         Err(e) => {

@@ -160,6 +160,10 @@ impl Engine {
                     tracing::warn!(collection = %last.collection, generation = number, error = %e, "re-encode refresh ended without a swap");
                 }
             }
+            let outcome = if result.is_ok() { "done" } else { last.phase.as_str() };
+            metrics::counter!(crate::metrics::REFRESHES, "mode" => "reencode", "outcome" => outcome.to_string()).increment(1);
+            metrics::histogram!(crate::metrics::REFRESH_DURATION, "mode" => "reencode").record(last.elapsed_seconds);
+            metrics::gauge!(crate::metrics::REFRESH_PROGRESS, "collection" => last.collection.clone()).set(0.0);
             coll.refresh.lock().take();
             tx.send_replace(last);
         });
@@ -192,6 +196,8 @@ impl Engine {
             let written = self.encode_into(coll, number, chunk, &encoder, &index).await?;
             done.extend(written);
             let elapsed = started.elapsed().as_secs_f64();
+            metrics::gauge!(crate::metrics::REFRESH_PROGRESS, "collection" => name.clone())
+                .set(done.len() as f64 / keys.len().max(1) as f64);
             progress.send_modify(|p| {
                 p.done = done.len() as u64;
                 p.elapsed_seconds = elapsed;
@@ -364,6 +370,7 @@ impl Engine {
     /// Makes the pending trainer generation current, when every live document has a vector
     /// in it; otherwise FAILED_PRECONDITION naming what is missing, and nothing changes.
     pub async fn commit_vectors(&self, coll: &Arc<Collection>) -> Result<u64> {
+        let started = Instant::now();
         let _w = coll.write.lock().await;
         let name = coll.live_name()?;
         let Some(generation) = coll.meta.read().building.clone().filter(|b| b.encoder.kind == EncoderKind::Trainer) else {
@@ -399,6 +406,8 @@ impl Engine {
         coll.swap(meta, Generation { meta: generation, index, encoder: None, no_text });
         self.remove_old_generations(&name, number);
         tracing::info!(collection = %name, generation = number, "trainer vectors committed");
+        metrics::counter!(crate::metrics::REFRESHES, "mode" => "vectors", "outcome" => "done").increment(1);
+        metrics::histogram!(crate::metrics::REFRESH_DURATION, "mode" => "vectors").record(started.elapsed().as_secs_f64());
         Ok(number)
     }
 

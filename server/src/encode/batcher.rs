@@ -21,11 +21,14 @@ pub struct BatchConfig {
 struct Job {
     texts: Vec<TokenizedText>,
     reply: oneshot::Sender<Result<Vec<Vec<f32>>, EncodeError>>,
+    queued: std::time::Instant,
 }
 
 pub(super) struct Handle {
     tx: mpsc::Sender<Job>,
     abandoned: Arc<AtomicU64>,
+    /// "encoder" or "reranker": the `model` label of its metrics.
+    model: &'static str,
 }
 
 impl Handle {
@@ -34,7 +37,9 @@ impl Handle {
         texts: Vec<TokenizedText>,
     ) -> Result<Vec<Vec<f32>>, EncodeError> {
         let (reply, rx) = oneshot::channel();
-        self.tx.send(Job { texts, reply }).await.map_err(|_| EncodeError::Stopped)?;
+        self.tx.send(Job { texts, reply, queued: std::time::Instant::now() }).await.map_err(|_| EncodeError::Stopped)?;
+        let depth = self.tx.max_capacity() - self.tx.capacity();
+        metrics::gauge!(crate::metrics::MODEL_QUEUE_DEPTH, "model" => self.model).set(depth as f64);
         rx.await.map_err(|_| EncodeError::Stopped)?
     }
 
@@ -43,15 +48,16 @@ impl Handle {
     }
 }
 
-pub(super) fn spawn(model: Box<dyn EmbedModel>, cfg: BatchConfig, thread_name: &str) -> Handle {
+/// Starts the model's thread; `name` ("encoder", "reranker") labels its thread and metrics.
+pub(super) fn spawn(model: Box<dyn EmbedModel>, cfg: BatchConfig, name: &'static str) -> Handle {
     let (tx, rx) = mpsc::channel(cfg.queue_capacity);
     let abandoned = Arc::new(AtomicU64::new(0));
     let counter = abandoned.clone();
     std::thread::Builder::new()
-        .name(thread_name.into())
-        .spawn(move || run(model, rx, cfg, &counter))
+        .name(format!("hardneg-{name}"))
+        .spawn(move || run(model, rx, cfg, &counter, name))
         .expect("spawning a model thread must succeed at startup");
-    Handle { tx, abandoned }
+    Handle { tx, abandoned, model: name }
 }
 
 fn run(
@@ -59,6 +65,7 @@ fn run(
     mut rx: mpsc::Receiver<Job>,
     cfg: BatchConfig,
     abandoned: &AtomicU64,
+    name: &'static str,
 ) {
     while let Some(first) = rx.blocking_recv() {
         let mut jobs = vec![first];
@@ -73,13 +80,17 @@ fn run(
             let alive = !job.reply.is_closed();
             if !alive {
                 abandoned.fetch_add(1, Ordering::Relaxed);
+                metrics::counter!(crate::metrics::MODEL_ABANDONED, "model" => name).increment(1);
             }
             alive
         });
         if jobs.is_empty() {
             continue;
         }
-        let results = encode_round(model.as_mut(), &jobs, cfg);
+        for job in &jobs {
+            crate::metrics::stage("queue_wait", job.queued.elapsed().as_secs_f64());
+        }
+        let results = encode_round(model.as_mut(), &jobs, cfg, name);
         for (job, result) in jobs.into_iter().zip(results) {
             let _ = job.reply.send(result);
         }
@@ -118,6 +129,7 @@ fn encode_round(
     model: &mut dyn EmbedModel,
     jobs: &[Job],
     cfg: BatchConfig,
+    name: &'static str,
 ) -> Vec<Result<Vec<Vec<f32>>, EncodeError>> {
     let flat: Vec<(usize, usize)> = jobs
         .iter()
@@ -131,6 +143,9 @@ fn encode_round(
     for batch in plan_batches(&lens, cfg.token_budget, cfg.max_batch_texts) {
         let inputs: Vec<&TokenizedText> =
             batch.iter().map(|&i| &jobs[flat[i].0].texts[flat[i].1]).collect();
+        let longest = inputs.iter().map(|t| t.ids.len()).max().unwrap_or(0);
+        metrics::histogram!(crate::metrics::MODEL_BATCH_TEXTS, "model" => name).record(inputs.len() as f64);
+        metrics::histogram!(crate::metrics::MODEL_BATCH_TOKENS, "model" => name).record((inputs.len() * longest) as f64);
         match model.embed(&inputs) {
             Ok(vectors) => {
                 for (&i, v) in batch.iter().zip(vectors) {
@@ -197,7 +212,7 @@ mod tests {
         let handle = spawn(
             Box::new(Recorder(sizes.clone())),
             BatchConfig { token_budget: 64, max_batch_texts: 8, queue_capacity: 16 },
-            "test-model",
+            "test"
         );
         let handle = std::sync::Arc::new(handle);
         let mut tasks = Vec::new();

@@ -112,7 +112,7 @@ impl Encoder {
         cfg: BatchConfig,
     ) -> Result<Self, EncodeError> {
         set_lengths(&mut tokenizer, info.max_tokens)?;
-        let batcher = batcher::spawn(model, cfg, "hardneg-encoder");
+        let batcher = batcher::spawn(model, cfg, "encoder");
         Ok(Self { inner: Arc::new(Inner { tokenizer, info, batcher }) })
     }
 
@@ -138,9 +138,11 @@ impl Encoder {
             return Ok(Vec::new());
         }
         let this = self.clone();
+        let started = std::time::Instant::now();
         let tokenized = tokio::task::spawn_blocking(move || this.tokenize(&texts))
             .await
             .map_err(|_| EncodeError::Stopped)??;
+        crate::metrics::stage("tokenize", started.elapsed().as_secs_f64());
         self.inner.batcher.submit(tokenized).await
     }
 
@@ -178,7 +180,7 @@ impl Reranker {
         let loaded = cross::CrossEncoderModel::load(dir, max_tokens, &candle_core::Device::Cpu)?;
         let mut tokenizer = loaded.tokenizer;
         set_lengths(&mut tokenizer, loaded.info.max_tokens)?;
-        let batcher = batcher::spawn(Box::new(loaded.model), cfg, "hardneg-reranker");
+        let batcher = batcher::spawn(Box::new(loaded.model), cfg, "reranker");
         Ok(Self { inner: Arc::new(RerankerInner { tokenizer, info: loaded.info, batcher }) })
     }
 
