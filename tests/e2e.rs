@@ -589,3 +589,60 @@ async fn metrics_count_requests_stages_and_drops() {
     assert_eq!(at(r#"hardneg_open_streams{rpc="MineStream"}"#), 0.0);
     server.stop(Duration::from_secs(30));
 }
+
+/// Beyond limits.max_in_flight unary calls fail at once with RESOURCE_EXHAUSTED while stream
+/// batches wait; beyond limits.max_streams a new stream is refused; the server keeps serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn backpressure_refuses_unary_overflow_and_queues_stream_batches() {
+    let tmp = tempfile::tempdir().unwrap();
+    let env = [("HARDNEG__LIMITS__MAX_IN_FLIGHT", "1"), ("HARDNEG__LIMITS__MAX_STREAMS", "1")];
+    let server = Server::start_with(&tmp.path().join("data"), &env).await;
+    let mut client = server.client().await;
+    small_collection(&mut client, "small").await;
+    // Many texts make each Mine take a while, so concurrent calls overlap.
+    let heavy = || mine_req("small", (0..64).map(|i| text_query(&format!("wing stall number {i} at high angles"))).collect(), options(2, 1));
+    let calls: Vec<_> = (0..6)
+        .map(|_| {
+            let mut c = client.clone();
+            let req = heavy();
+            tokio::spawn(async move { c.mine(req).await })
+        })
+        .collect();
+    let (mut ok, mut exhausted) = (0, 0);
+    for call in calls {
+        match call.await.unwrap() {
+            Ok(_) => ok += 1,
+            Err(e) => {
+                assert_eq!(e.code(), Some(Code::ResourceExhausted), "{e}");
+                assert!(e.to_string().contains("limits.max_in_flight"), "{e}");
+                exhausted += 1;
+            }
+        }
+    }
+    assert!(ok >= 1 && exhausted >= 1, "ok {ok}, refused {exhausted}");
+
+    // One stream's batches all get answered, one slot at a time; a second stream is refused.
+    let (tx, rx) = tokio::sync::mpsc::channel(8);
+    let mut stream = client.mine_stream(tokio_stream::wrappers::ReceiverStream::new(rx)).await.unwrap();
+    for b in 0..4u64 {
+        tx.send(proto::MineRequest { batch_id: b, ..heavy() }).await.unwrap();
+    }
+    for b in 0..4u64 {
+        assert_eq!(stream.next().await.unwrap().unwrap().batch_id, b);
+    }
+    let err = client.mine_stream(futures::stream::iter(vec![heavy()])).await;
+    let refused = match err {
+        Err(e) => e.code() == Some(Code::ResourceExhausted),
+        Ok(mut s) => matches!(s.next().await, Some(Err(st)) if st.code() == Code::ResourceExhausted),
+    };
+    assert!(refused, "a second stream beyond limits.max_streams is refused");
+    drop(tx);
+    assert!(stream.next().await.is_none());
+    drop(stream);
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    // Slots come back: a new stream and a unary call work.
+    let answers: Vec<_> = client.mine_stream(futures::stream::iter(vec![heavy()])).await.unwrap().collect().await;
+    assert!(answers[0].is_ok());
+    client.mine(heavy()).await.unwrap();
+    server.stop(Duration::from_secs(30));
+}

@@ -19,11 +19,28 @@ const STREAM_IN_FLIGHT: usize = 4;
 
 pub struct MinerService {
     engine: Arc<Engine>,
+    /// Slots for data requests (unary calls and stream batches): limits.max_in_flight.
+    in_flight: Arc<tokio::sync::Semaphore>,
+    /// Open MineStream streams: limits.max_streams.
+    streams: Arc<tokio::sync::Semaphore>,
 }
 
 impl MinerService {
     pub fn new(engine: Arc<Engine>) -> Self {
-        Self { engine }
+        let limits = &engine.cfg.limits;
+        let in_flight = Arc::new(tokio::sync::Semaphore::new(limits.max_in_flight));
+        let streams = Arc::new(tokio::sync::Semaphore::new(limits.max_streams));
+        Self { engine, in_flight, streams }
+    }
+
+    /// A slot for a unary data request, or RESOURCE_EXHAUSTED at once when all are taken.
+    fn slot(&self) -> Result<tokio::sync::OwnedSemaphorePermit> {
+        self.in_flight.clone().try_acquire_owned().map_err(|_| {
+            Error::Overloaded(format!(
+                "{} requests in flight, the limit is {} (limits.max_in_flight); retry with backoff",
+                self.engine.cfg.limits.max_in_flight, self.engine.cfg.limits.max_in_flight
+            ))
+        })
     }
 }
 
@@ -407,6 +424,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
     ) -> Result<Response<pb::UpsertResponse>, Status> {
         let timer = crate::metrics::RequestTimer::start("Upsert");
         let result = async move {
+            let _slot = self.slot()?;
             let mut stream = request.into_inner();
             let mut collection: Option<String> = None;
             let (mut inserted, mut updated) = (0, 0);
@@ -450,6 +468,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
         let timer = crate::metrics::RequestTimer::start("Delete");
         let result = async move {
+            let _slot = self.slot()?;
             let req = request.into_inner();
             validate_name("collection", &req.collection)?;
             check_id_count(&req.ids, &self.engine.cfg)?;
@@ -471,6 +490,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
     ) -> Result<Response<pb::GetDocumentsResponse>, Status> {
         let timer = crate::metrics::RequestTimer::start("GetDocuments");
         let result = async move {
+            let _slot = self.slot()?;
             let req = request.into_inner();
             validate_name("collection", &req.collection)?;
             check_id_count(&req.ids, &self.engine.cfg)?;
@@ -490,6 +510,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
     async fn mine(&self, request: Request<pb::MineRequest>) -> Result<Response<pb::MineResponse>, Status> {
         let timer = crate::metrics::RequestTimer::start("Mine");
         let result = async move {
+            let _slot = self.slot()?;
             Ok(Response::new(mine_one(&self.engine, request.into_inner()).await?))
         }
         .await;
@@ -509,12 +530,22 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
         let result: Result<Response<Self::MineStreamStream>, Status> = async move {
             let engine = self.engine.clone();
             let input = request.into_inner();
+            let stream_slot = self.streams.clone().try_acquire_owned().map_err(|_| {
+                Error::Overloaded(format!(
+                    "{} MineStream streams are open, the limit is {} (limits.max_streams)",
+                    self.engine.cfg.limits.max_streams, self.engine.cfg.limits.max_streams
+                ))
+            })?;
             let open = crate::metrics::OpenStream::new("MineStream");
+            let in_flight = self.in_flight.clone();
             let output = input
                 .map(move |msg| {
-                    let _open = &open;
+                    let _held = (&open, &stream_slot);
                     let engine = engine.clone();
+                    let in_flight = in_flight.clone();
                     async move {
+                        // Stream batches wait for a slot rather than fail.
+                        let _slot = in_flight.acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
                         let req = msg?;
                         let batch_id = req.batch_id;
                         let result = mine_one(&engine, req).await.map_err(|e| {
@@ -583,6 +614,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
     ) -> Result<Response<pb::UploadVectorsResponse>, Status> {
         let timer = crate::metrics::RequestTimer::start("UploadVectors");
         let result = async move {
+            let _slot = self.slot()?;
             let mut stream = request.into_inner();
             let mut target: Option<(Arc<crate::engine::Collection>, String)> = None;
             let mut out = pb::UploadVectorsResponse::default();
@@ -641,6 +673,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
     async fn commit_vectors(&self, request: Request<pb::CommitVectorsRequest>) -> Result<Response<pb::CommitVectorsResponse>, Status> {
         let timer = crate::metrics::RequestTimer::start("CommitVectors");
         let result = async move {
+            let _slot = self.slot()?;
             let req = request.into_inner();
             validate_name("collection", &req.collection)?;
             let coll = self.engine.get(&req.collection)?;

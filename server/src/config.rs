@@ -84,6 +84,8 @@ pub struct LimitsConfig {
     pub max_positives_per_query: usize,
     pub max_docs_per_message: usize,
     pub max_message_bytes: usize,
+    pub max_in_flight: usize,
+    pub max_streams: usize,
 }
 
 /// Values given on the command line; they win over every other source.
@@ -167,6 +169,8 @@ impl Config {
             ("limits.max_text_chars", self.limits.max_text_chars),
             ("limits.max_docs_per_message", self.limits.max_docs_per_message),
             ("limits.max_message_bytes", self.limits.max_message_bytes),
+            ("limits.max_in_flight", self.limits.max_in_flight),
+            ("limits.max_streams", self.limits.max_streams),
             ("limits.max_num_negatives", self.limits.max_num_negatives as usize),
             ("mining.default_range_max", self.mining.default_range_max as usize),
         ];
