@@ -45,6 +45,9 @@ pub fn install(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<()> {
         .build()
         .map_err(|e| anyhow::anyhow!("server.metrics_listen: {addr}: {e}"))?;
     metrics::set_global_recorder(recorder).map_err(|e| anyhow::anyhow!("metrics recorder: {e}"))?;
+    // Series a dashboard shows from the start, at zero until something happens.
+    metrics::gauge!(OPEN_STREAMS, "rpc" => "MineStream").set(0.0);
+    metrics::gauge!(MODEL_QUEUE_DEPTH, "model" => "encoder").set(0.0);
     tokio::spawn(async move {
         if let Err(e) = exporter.await {
             tracing::error!(error = ?e, "metrics exporter stopped");

@@ -1,0 +1,142 @@
+//! The deployment files, checked without a container engine: the compose file parses and
+//! references files that exist, Prometheus scrapes the port and path the server serves metrics
+//! on, the image runs as a non-root user with a health check, and every metric the Grafana
+//! dashboard queries is one a real server exports.
+use std::collections::BTreeSet;
+use std::process::Command;
+use std::time::Duration;
+
+use futures::StreamExt;
+use hardneg_client::proto;
+use hardneg_server::encode::testing::perturbed_checkpoint;
+use hardneg_tests::{Server, model_dir, root};
+
+/// A YAML file as JSON (PyYAML; see tests/reference/requirements.txt).
+fn yaml(path: &std::path::Path) -> serde_json::Value {
+    let out = Command::new("python3")
+        .args(["-c", "import json, sys, yaml; print(json.dumps(yaml.safe_load(open(sys.argv[1]))))"])
+        .arg(path)
+        .output()
+        .expect("python3 runs");
+    assert!(out.status.success(), "{}: {}", path.display(), String::from_utf8_lossy(&out.stderr));
+    serde_json::from_slice(&out.stdout).unwrap()
+}
+
+fn port_of(addr: &str) -> &str {
+    addr.rsplit(':').next().unwrap()
+}
+
+#[test]
+fn compose_prometheus_and_dockerfile_agree() {
+    let deploy = root().join("deploy");
+    let compose = yaml(&deploy.join("docker-compose.yml"));
+    let services = compose["services"].as_object().unwrap();
+    for name in ["fetch-model", "hardneg", "prometheus", "grafana"] {
+        assert!(services.contains_key(name), "service {name}");
+    }
+    // Build context and Dockerfile, and every bind-mounted path, exist.
+    let build = &services["hardneg"]["build"];
+    let context = deploy.join(build["context"].as_str().unwrap());
+    assert!(context.join(build["dockerfile"].as_str().unwrap()).is_file());
+    let named: BTreeSet<&str> = compose["volumes"].as_object().unwrap().keys().map(String::as_str).collect();
+    for (name, service) in services {
+        for volume in service["volumes"].as_array().into_iter().flatten() {
+            let source = volume.as_str().unwrap().split(':').next().unwrap();
+            if source.starts_with('.') {
+                assert!(deploy.join(source).exists(), "{name}: {source} does not exist");
+            } else {
+                assert!(named.contains(source), "{name}: volume {source} is not declared");
+            }
+        }
+    }
+    assert!(services["fetch-model"]["command"].to_string().contains("/scripts/fetch-models"));
+    assert!(root().join("scripts/fetch-models").is_file());
+
+    // Prometheus scrapes hardneg's metrics port at /metrics.
+    let metrics_listen = services["hardneg"]["environment"]["HARDNEG__SERVER__METRICS_LISTEN"].as_str().unwrap();
+    let prometheus = yaml(&deploy.join("prometheus.yml"));
+    let job = &prometheus["scrape_configs"][0];
+    assert_eq!(job["metrics_path"], "/metrics");
+    let target = job["static_configs"][0]["targets"][0].as_str().unwrap();
+    assert_eq!(target, format!("hardneg:{}", port_of(metrics_listen)));
+    let grafana = &services["grafana"];
+    assert!(grafana["volumes"].to_string().contains("./grafana/provisioning"));
+    let datasource = yaml(&deploy.join("grafana/provisioning/datasources/prometheus.yml"));
+    assert_eq!(datasource["datasources"][0]["url"], "http://prometheus:9090");
+    assert!(services["prometheus"]["ports"].to_string().contains("9090"));
+
+    // The image: non-root, health check through the CLI, volumes, the same ports.
+    let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
+    assert!(dockerfile.lines().any(|l| l.starts_with("USER ") && !l.contains("root")));
+    assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains(r#""hardneg", "--addr", "http://127.0.0.1:50051", "health""#));
+    assert!(dockerfile.contains("VOLUME") && dockerfile.contains("/models"));
+    assert!(dockerfile.contains(&format!("HARDNEG__SERVER__METRICS_LISTEN={metrics_listen}")));
+    assert!(dockerfile.contains("EXPOSE 50051 9464"));
+}
+
+/// GET http://addr/metrics over a plain socket.
+async fn scrape(addr: &str) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
+    socket.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
+    let mut out = String::new();
+    socket.read_to_string(&mut out).await.unwrap();
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_dashboard_metric_is_exported() {
+    let dashboard: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(root().join("deploy/grafana/dashboards/hardneg.json")).unwrap()).unwrap();
+    let mut wanted = BTreeSet::new();
+    for panel in dashboard["panels"].as_array().unwrap() {
+        for target in panel["targets"].as_array().unwrap() {
+            let expr = target["expr"].as_str().unwrap();
+            let mut rest = expr;
+            while let Some(at) = rest.find("hardneg_") {
+                let name: String = rest[at..].chars().take_while(|c| c.is_ascii_alphanumeric() || *c == '_').collect();
+                rest = &rest[at + name.len()..];
+                wanted.insert(name);
+            }
+        }
+    }
+    assert!(wanted.len() >= 10, "{wanted:?}");
+
+    // A server with traffic of every kind the dashboard shows, including a re-encode.
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    perturbed_checkpoint(&model_dir(), &models.join("step-2"), 2, 0.02);
+    let metrics_addr = format!("127.0.0.1:{}", hardneg_tests::free_port());
+    let env = [("HARDNEG__SERVER__METRICS_LISTEN", metrics_addr.as_str()), ("HARDNEG__ENCODER__MODELS_ROOT", models.to_str().unwrap())];
+    let server = Server::start_with(&tmp.path().join("data"), &env).await;
+    let mut client = server.client().await;
+    client.create_collection("c", proto::Quantization::F32).await.unwrap();
+    let docs: Vec<proto::Document> = (0..12)
+        .map(|i| proto::Document { id: format!("d{i}"), text: format!("boundary layer {i} on a flat plate"), title: None, metadata: Default::default() })
+        .collect();
+    client.upsert("c", futures::stream::iter([docs])).await.unwrap();
+    let req = proto::MineRequest {
+        collection: "c".into(),
+        batch_id: 0,
+        queries: vec![proto::Query { text: "flat plate".into(), positive_ids: vec!["d0".into()], ..Default::default() }],
+        options: Some(proto::MineOptions { num_negatives: 2, ..Default::default() }),
+        min_generation: None,
+    };
+    client.mine(req.clone()).await.unwrap();
+    let _ = client.mine(proto::MineRequest { queries: vec![], ..req.clone() }).await;
+    let mut stream = client.refresh("c", "step-2").await.unwrap();
+    while let Some(p) = stream.next().await {
+        p.unwrap();
+    }
+    tokio::time::sleep(Duration::from_millis(2500)).await;
+
+    let text = scrape(&metrics_addr).await;
+    let exported: BTreeSet<&str> = text
+        .lines()
+        .filter(|l| l.starts_with("hardneg_"))
+        .map(|l| l.split(|c| c == '{' || c == ' ').next().unwrap())
+        .collect();
+    let missing: Vec<&String> = wanted.iter().filter(|m| !exported.contains(m.as_str())).collect();
+    assert!(missing.is_empty(), "the dashboard queries metrics the server does not export: {missing:?}\nexported: {exported:?}");
+    server.stop(Duration::from_secs(30));
+}
