@@ -646,3 +646,37 @@ async fn backpressure_refuses_unary_overflow_and_queues_stream_batches() {
     client.mine(heavy()).await.unwrap();
     server.stop(Duration::from_secs(30));
 }
+
+/// With a token configured, NegativeMiner calls need it; health stays open.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn bearer_token_auth() {
+    let tmp = tempfile::tempdir().unwrap();
+    let token_file = tmp.path().join("token");
+    std::fs::write(&token_file, "s3cret-token\n").unwrap();
+    let server = Server::start_with(&tmp.path().join("data"), &[("HARDNEG__SERVER__AUTH_TOKEN_FILE", token_file.to_str().unwrap())]).await;
+    assert!(!server.log_text().contains("s3cret"), "the token is never logged");
+    let mut plain = server.client().await;
+    assert!(plain.ready().await.unwrap(), "health needs no token");
+    let err = plain.list_collections().await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::Unauthenticated), "{err}");
+    let mut wrong = Client::connect_with_token(&server.addr, Some("guess")).await.unwrap();
+    assert_eq!(wrong.list_collections().await.unwrap_err().code(), Some(Code::Unauthenticated));
+    let mut right = Client::connect_with_token(&server.addr, Some("s3cret-token")).await.unwrap();
+    small_collection(&mut right, "small").await;
+    right.mine(mine_req("small", vec![text_query("wing stall")], options(2, 1))).await.unwrap();
+    // The CLI takes it from --token or HARDNEG_TOKEN.
+    let status = |token: Option<&str>| {
+        let mut cmd = Command::new(bin("hardneg"));
+        cmd.args(["--addr", &server.addr, "status"]).env_remove("HARDNEG_TOKEN");
+        if let Some(t) = token {
+            cmd.env("HARDNEG_TOKEN", t);
+        }
+        cmd.output().unwrap()
+    };
+    assert!(status(Some("s3cret-token")).status.success());
+    let refused = status(None);
+    assert!(!refused.status.success());
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(stderr.contains("authorization: Bearer"), "{stderr}");
+    server.stop(Duration::from_secs(30));
+}

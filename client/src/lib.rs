@@ -12,12 +12,29 @@ pub mod proto {
 pub use proto::negative_miner_client::NegativeMinerClient;
 pub use tonic::{Code, Status};
 
+/// Adds `authorization: Bearer <token>` to every call when a token is set.
+#[derive(Clone)]
+pub struct BearerToken(Option<tonic::metadata::MetadataValue<tonic::metadata::Ascii>>);
+
+impl tonic::service::Interceptor for BearerToken {
+    fn call(&mut self, mut request: tonic::Request<()>) -> Result<tonic::Request<()>, tonic::Status> {
+        if let Some(value) = &self.0 {
+            request.metadata_mut().insert("authorization", value.clone());
+        }
+        Ok(request)
+    }
+}
+
+type Miner = NegativeMinerClient<tonic::service::interceptor::InterceptedService<Channel, BearerToken>>;
+
 #[derive(Debug, thiserror::Error)]
 pub enum ClientError {
     #[error("connecting to {addr}: {source}")]
     Connect { addr: String, source: tonic::transport::Error },
     #[error("invalid address {0:?}")]
     Address(String),
+    #[error("the token holds characters a header cannot carry")]
+    Token,
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
 }
@@ -37,26 +54,34 @@ pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 /// A connection to one hardneg server. Cheap to clone; clones share the channel.
 #[derive(Clone)]
 pub struct Client {
-    miner: NegativeMinerClient<Channel>,
+    miner: Miner,
     health: tonic_health::pb::health_client::HealthClient<Channel>,
 }
 
 impl Client {
     /// Connects to `addr` (e.g. `http://127.0.0.1:50051`).
     pub async fn connect(addr: &str) -> Result<Self> {
+        Self::connect_with_token(addr, None).await
+    }
+
+    /// Connects, sending `token` as a bearer token with every call (servers with auth on).
+    pub async fn connect_with_token(addr: &str, token: Option<&str>) -> Result<Self> {
+        let token = token
+            .map(|t| format!("Bearer {}", t.trim()).parse().map_err(|_| ClientError::Token))
+            .transpose()?;
         let endpoint = Endpoint::from_shared(addr.to_string()).map_err(|_| ClientError::Address(addr.to_string()))?;
         let channel = endpoint
             .connect()
             .await
             .map_err(|source| ClientError::Connect { addr: addr.to_string(), source })?;
-        let miner = NegativeMinerClient::new(channel.clone())
+        let miner = NegativeMinerClient::with_interceptor(channel.clone(), BearerToken(token))
             .max_decoding_message_size(256 << 20)
             .max_encoding_message_size(256 << 20);
         Ok(Self { miner, health: tonic_health::pb::health_client::HealthClient::new(channel) })
     }
 
     /// The raw generated stub, for calls this wrapper does not cover.
-    pub fn raw(&mut self) -> &mut NegativeMinerClient<Channel> {
+    pub fn raw(&mut self) -> &mut Miner {
         &mut self.miner
     }
 

@@ -17,6 +17,9 @@ struct Cli {
     /// Server address.
     #[arg(long, global = true, default_value = "http://127.0.0.1:50051", env = "HARDNEG_ADDR")]
     addr: String,
+    /// Bearer token, for servers with auth on.
+    #[arg(long, global = true, env = "HARDNEG_TOKEN", hide_env_values = true)]
+    token: Option<String>,
     #[command(subcommand)]
     command: Command,
 }
@@ -707,7 +710,7 @@ async fn bench(
 }
 
 async fn run(cli: Cli) -> anyhow::Result<bool> {
-    let mut client = Client::connect(&cli.addr).await.with_context(|| format!("is hardneg-server running at {}?", cli.addr))?;
+    let mut client = Client::connect_with_token(&cli.addr, cli.token.as_deref()).await.with_context(|| format!("is hardneg-server running at {}?", cli.addr))?;
     match cli.command {
         Command::Create { collection, quantization } => {
             let q = match quantization {

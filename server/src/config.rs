@@ -24,6 +24,8 @@ pub struct ServerConfig {
     pub listen: String,
     /// Empty: no metrics endpoint.
     pub metrics_listen: String,
+    /// Empty: the token comes from HARDNEG_AUTH_TOKEN, or there is none.
+    pub auth_token_file: PathBuf,
     pub data_dir: PathBuf,
     pub shutdown_grace_seconds: u64,
 }

@@ -4,6 +4,7 @@
 //! optional cross-encoder, each on its own thread, batched by token budget), [`index`] (usearch), [`mine`] (exclusion,
 //! filters, adaptive depth, sampling), [`store`] (redb), tied together by [`engine`].
 pub mod api;
+pub mod auth;
 pub mod config;
 pub mod encode;
 pub mod engine;
@@ -83,6 +84,11 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
     let miner = proto::negative_miner_server::NegativeMinerServer::new(api::MinerService::new(engine.clone()))
         .max_decoding_message_size(cfg.limits.max_message_bytes)
         .max_encoding_message_size(cfg.limits.max_message_bytes);
+    let token = auth::load_token(&cfg.server.auth_token_file)?;
+    if token.is_some() {
+        tracing::info!("bearer-token auth on for hardneg.v1.NegativeMiner (health and reflection stay open)");
+    }
+    let miner = tonic::service::interceptor::InterceptedService::new(miner, auth::Auth(token));
     reporter.set_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>().await;
     tracing::info!(%addr, "hardneg-server listening");
 
