@@ -680,3 +680,19 @@ async fn bearer_token_auth() {
     assert!(stderr.contains("authorization: Bearer"), "{stderr}");
     server.stop(Duration::from_secs(30));
 }
+
+/// A Mine that runs past limits.mine_timeout_seconds ends with DEADLINE_EXCEEDED, and the
+/// server goes on serving.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn mine_timeout() {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with(&tmp.path().join("data"), &[("HARDNEG__LIMITS__MINE_TIMEOUT_SECONDS", "0.001")]).await;
+    let mut client = server.client().await;
+    small_collection(&mut client, "small").await;
+    let many = mine_req("small", (0..200).map(|i| text_query(&format!("flutter of wing panel {i}"))).collect(), options(2, 1));
+    let err = client.mine(many).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::DeadlineExceeded), "{err}");
+    assert!(err.to_string().contains("limits.mine_timeout_seconds"), "{err}");
+    assert_eq!(client.get_collection("small").await.unwrap().doc_count, 8);
+    server.stop(Duration::from_secs(30));
+}

@@ -269,7 +269,10 @@ fn apply_denoised(o: &mut pb::MineOptions) {
 /// one path behind Mine and MineStream.
 async fn mine_one(engine: &Engine, req: pb::MineRequest) -> Result<pb::MineResponse> {
     let params = validate_mine(&req, &engine.cfg)?;
-    engine.mine(&req, &params).await
+    let limit = std::time::Duration::from_secs_f64(engine.cfg.limits.mine_timeout_seconds);
+    tokio::time::timeout(limit, engine.mine(&req, &params))
+        .await
+        .map_err(|_| Error::DeadlineExceeded(format!("mining took longer than {limit:?} (limits.mine_timeout_seconds)")))?
 }
 
 fn validate_docs(docs: &[pb::Document], cfg: &Config) -> Result<Vec<StoredDoc>> {

@@ -88,6 +88,7 @@ pub struct LimitsConfig {
     pub max_message_bytes: usize,
     pub max_in_flight: usize,
     pub max_streams: usize,
+    pub mine_timeout_seconds: f64,
 }
 
 /// Values given on the command line; they win over every other source.
@@ -192,6 +193,9 @@ impl Config {
                 field: "mining.default_temperature",
                 reason: "must be greater than 0".into(),
             });
+        }
+        if !(self.limits.mine_timeout_seconds > 0.0 && self.limits.mine_timeout_seconds.is_finite()) {
+            return Err(ConfigError::Invalid { field: "limits.mine_timeout_seconds", reason: "must be a finite number of seconds above 0".into() });
         }
         if !(self.mining.min_generation_wait_seconds >= 0.0 && self.mining.min_generation_wait_seconds.is_finite()) {
             return Err(ConfigError::Invalid {

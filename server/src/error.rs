@@ -21,6 +21,8 @@ pub enum Error {
     Aborted(String),
     #[error("unavailable: {0}")]
     Unavailable(String),
+    #[error("{0}")]
+    DeadlineExceeded(String),
     #[error("request cancelled by the client")]
     Cancelled,
     #[error("encoder: {0}")]
@@ -48,6 +50,7 @@ impl Error {
             Error::Overloaded(_) => "overloaded",
             Error::Aborted(_) => "aborted",
             Error::Unavailable(_) => "unavailable",
+            Error::DeadlineExceeded(_) => "deadline_exceeded",
             Error::Cancelled => "cancelled",
             Error::Encoder(_) => "encoder",
             Error::Store(_) => "store",
@@ -65,6 +68,7 @@ impl Error {
             Error::Overloaded(_) => Code::ResourceExhausted,
             Error::Aborted(_) => Code::Aborted,
             Error::Unavailable(_) => Code::Unavailable,
+            Error::DeadlineExceeded(_) => Code::DeadlineExceeded,
             Error::Cancelled => Code::Cancelled,
             Error::Encoder(crate::encode::EncodeError::Stopped) => Code::Unavailable,
             Error::Store(crate::store::StoreError::Missing(_)) => Code::NotFound,
