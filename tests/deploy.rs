@@ -74,15 +74,6 @@ fn compose_prometheus_and_dockerfile_agree() {
     assert!(dockerfile.contains("EXPOSE 50051 9464"));
 }
 
-/// GET http://addr/metrics over a plain socket.
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    socket.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    socket.read_to_string(&mut out).await.unwrap();
-    out
-}
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_metric_is_exported() {
@@ -130,7 +121,7 @@ async fn every_dashboard_metric_is_exported() {
     }
     tokio::time::sleep(Duration::from_millis(2500)).await;
 
-    let text = scrape(&metrics_addr).await;
+    let text = hardneg_tests::scrape_metrics(&metrics_addr).await;
     let exported: BTreeSet<&str> = text
         .lines()
         .filter(|l| l.starts_with("hardneg_"))

@@ -531,16 +531,6 @@ async fn reranking_and_the_positive_neighbourhood_filter() {
     server.stop(Duration::from_secs(30));
 }
 
-/// GET http://addr/metrics over a plain socket.
-async fn scrape(addr: &str) -> String {
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut socket = tokio::net::TcpStream::connect(addr).await.unwrap();
-    socket.write_all(format!("GET /metrics HTTP/1.1\r\nHost: {addr}\r\nConnection: close\r\n\r\n").as_bytes()).await.unwrap();
-    let mut out = String::new();
-    socket.read_to_string(&mut out).await.unwrap();
-    assert!(out.starts_with("HTTP/1.1 200"), "{out}");
-    out
-}
 
 /// The value of the sample `name{labels}` (labels as rendered, e.g. `rpc="Mine",code="Ok"`).
 fn sample(text: &str, series: &str) -> Option<f64> {
@@ -564,7 +554,7 @@ async fn metrics_count_requests_stages_and_drops() {
     assert_eq!(answers.len(), 2);
     tokio::time::sleep(Duration::from_millis(2500)).await; // collection gauges refresh every 2 s
 
-    let text = scrape(&metrics_addr).await;
+    let text = hardneg_tests::scrape_metrics(&metrics_addr).await;
     let at = |series: &str| sample(&text, series).unwrap_or_else(|| panic!("no sample {series} in\n{text}"));
     assert_eq!(at(r#"hardneg_requests_total{rpc="Mine",code="Ok"}"#), 3.0);
     assert_eq!(at(r#"hardneg_requests_total{rpc="Mine",code="InvalidArgument"}"#), 1.0);

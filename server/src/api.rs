@@ -354,8 +354,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
         &self,
         request: Request<pb::CreateCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
-        let timer = crate::metrics::RequestTimer::start("CreateCollection");
-        let result = async move {
+        crate::metrics::timed("CreateCollection", async move {
             let req = request.into_inner();
             validate_name("name", &req.name)?;
             let metric = match pb::Metric::try_from(req.metric) {
@@ -370,63 +369,51 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                 Err(_) => return Err(Error::invalid("quantization", format!("unknown value {}", req.quantization)).into()),
             };
             Ok(Response::new(self.engine.create(&req.name, metric, quantization).await?))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn get_collection(
         &self,
         request: Request<pb::GetCollectionRequest>,
     ) -> Result<Response<pb::CollectionInfo>, Status> {
-        let timer = crate::metrics::RequestTimer::start("GetCollection");
-        let result = async move {
+        crate::metrics::timed("GetCollection", async move {
             let req = request.into_inner();
             validate_name("name", &req.name)?;
             let coll = self.engine.get(&req.name)?;
             Ok(Response::new(self.engine.info(&coll)))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn list_collections(
         &self,
         _request: Request<pb::ListCollectionsRequest>,
     ) -> Result<Response<pb::ListCollectionsResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("ListCollections");
-        let result = async move {
+        crate::metrics::timed("ListCollections", async move {
             Ok(Response::new(pb::ListCollectionsResponse { collections: self.engine.list() }))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn drop_collection(
         &self,
         request: Request<pb::DropCollectionRequest>,
     ) -> Result<Response<pb::DropCollectionResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("DropCollection");
-        let result = async move {
+        crate::metrics::timed("DropCollection", async move {
             let req = request.into_inner();
             validate_name("name", &req.name)?;
             let dropped = self.engine.drop_collection(&req.name).await?;
             Ok(Response::new(pb::DropCollectionResponse { dropped }))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn upsert(
         &self,
         request: Request<Streaming<pb::UpsertRequest>>,
     ) -> Result<Response<pb::UpsertResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("Upsert");
-        let result = async move {
+        crate::metrics::timed("Upsert", async move {
             let _slot = self.slot()?;
             let mut stream = request.into_inner();
             let mut collection: Option<String> = None;
@@ -462,15 +449,12 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                 })
                 .unwrap_or((0, 0));
             Ok(Response::new(pb::UpsertResponse { inserted, updated, doc_count, pending }))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn delete(&self, request: Request<pb::DeleteRequest>) -> Result<Response<pb::DeleteResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("Delete");
-        let result = async move {
+        crate::metrics::timed("Delete", async move {
             let _slot = self.slot()?;
             let req = request.into_inner();
             validate_name("collection", &req.collection)?;
@@ -481,18 +465,15 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
             let coll = self.engine.get(&req.collection)?;
             let (deleted, not_found) = self.engine.delete(&coll, req.ids).await?;
             Ok(Response::new(pb::DeleteResponse { deleted, not_found }))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn get_documents(
         &self,
         request: Request<pb::GetDocumentsRequest>,
     ) -> Result<Response<pb::GetDocumentsResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("GetDocuments");
-        let result = async move {
+        crate::metrics::timed("GetDocuments", async move {
             let _slot = self.slot()?;
             let req = request.into_inner();
             validate_name("collection", &req.collection)?;
@@ -504,21 +485,16 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                 .map(|d| pb::Document { id: d.id, text: d.text, title: d.title, metadata: d.metadata.into_iter().collect() })
                 .collect();
             Ok(Response::new(pb::GetDocumentsResponse { documents, missing }))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn mine(&self, request: Request<pb::MineRequest>) -> Result<Response<pb::MineResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("Mine");
-        let result = async move {
+        crate::metrics::timed("Mine", async move {
             let _slot = self.slot()?;
             Ok(Response::new(mine_one(&self.engine, request.into_inner()).await?))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     type MineStreamStream = MineStreamOut;
@@ -529,8 +505,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
         &self,
         request: Request<Streaming<pb::MineRequest>>,
     ) -> Result<Response<Self::MineStreamStream>, Status> {
-        let timer = crate::metrics::RequestTimer::start("MineStream");
-        let result: Result<Response<Self::MineStreamStream>, Status> = async move {
+        crate::metrics::timed("MineStream", async move {
             let engine = self.engine.clone();
             let input = request.into_inner();
             let stream_slot = self.streams.clone().try_acquire_owned().map_err(|_| {
@@ -570,17 +545,14 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                 futures::future::ready(Some(item))
             });
             Ok(Response::new(Box::pin(output) as Self::MineStreamStream))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     type RefreshStream = Pin<Box<dyn Stream<Item = Result<pb::RefreshProgress, Status>> + Send>>;
 
     async fn refresh(&self, request: Request<pb::RefreshRequest>) -> Result<Response<Self::RefreshStream>, Status> {
-        let timer = crate::metrics::RequestTimer::start("Refresh");
-        let result: Result<Response<Self::RefreshStream>, Status> = async move {
+        crate::metrics::timed("Refresh", async move {
             let req = request.into_inner();
             validate_name("collection", &req.collection)?;
             let dir = resolve_checkpoint(&req.encoder_dir, &self.engine.cfg.encoder.models_root)?;
@@ -605,18 +577,15 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                 Some((item.0, (rx, item.1)))
             });
             Ok(Response::new(Box::pin(stream) as Self::RefreshStream))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn upload_vectors(
         &self,
         request: Request<Streaming<pb::UploadVectorsRequest>>,
     ) -> Result<Response<pb::UploadVectorsResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("UploadVectors");
-        let result = async move {
+        crate::metrics::timed("UploadVectors", async move {
             let _slot = self.slot()?;
             let mut stream = request.into_inner();
             let mut target: Option<(Arc<crate::engine::Collection>, String)> = None;
@@ -667,15 +636,12 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                 return Err(Error::invalid("collection", "no message received").into());
             }
             Ok(Response::new(out))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn commit_vectors(&self, request: Request<pb::CommitVectorsRequest>) -> Result<Response<pb::CommitVectorsResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("CommitVectors");
-        let result = async move {
+        crate::metrics::timed("CommitVectors", async move {
             let _slot = self.slot()?;
             let req = request.into_inner();
             validate_name("collection", &req.collection)?;
@@ -683,24 +649,19 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
             let started = std::time::Instant::now();
             self.engine.commit_vectors(&coll).await?;
             Ok(Response::new(pb::CommitVectorsResponse { collection: Some(self.engine.info(&coll)), seconds: started.elapsed().as_secs_f64() }))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 
     async fn cancel_refresh(&self, request: Request<pb::CancelRefreshRequest>) -> Result<Response<pb::CancelRefreshResponse>, Status> {
-        let timer = crate::metrics::RequestTimer::start("CancelRefresh");
-        let result = async move {
+        crate::metrics::timed("CancelRefresh", async move {
             let req = request.into_inner();
             validate_name("collection", &req.collection)?;
             let coll = self.engine.get(&req.collection)?;
             let what = self.engine.cancel_refresh(&coll).await?;
             Ok(Response::new(pb::CancelRefreshResponse { cancelled: what.is_some(), what: what.unwrap_or_else(|| "nothing was running".into()) }))
-        }
-        .await;
-        timer.finish(&result);
-        result
+        })
+        .await
     }
 }
 

@@ -92,6 +92,14 @@ impl Drop for RequestTimer {
     }
 }
 
+/// Runs an RPC's handler under a [`RequestTimer`].
+pub async fn timed<T>(rpc: &'static str, handler: impl std::future::Future<Output = Result<T, tonic::Status>>) -> Result<T, tonic::Status> {
+    let timer = RequestTimer::start(rpc);
+    let result = handler.await;
+    timer.finish(&result);
+    result
+}
+
 pub fn code_name(code: tonic::Code) -> &'static str {
     use tonic::Code::*;
     match code {

@@ -57,12 +57,16 @@ pub fn padded_batch(
     Ok((tensor(ids)?, tensor(types)?, tensor(mask)?))
 }
 
-/// Tokenizer output as model input.
-fn tokenized(encodings: Vec<tokenizers::Encoding>) -> Vec<TokenizedText> {
-    encodings
+/// Texts or pairs through the tokenizer (special tokens added), as model input.
+fn tokenize_all<'s, E>(tokenizer: &Tokenizer, inputs: Vec<E>) -> Result<Vec<TokenizedText>, EncodeError>
+where
+    E: Into<tokenizers::EncodeInput<'s>> + Send,
+{
+    let encodings = tokenizer.encode_batch(inputs, true).map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
+    Ok(encodings
         .into_iter()
         .map(|e| TokenizedText { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })
-        .collect()
+        .collect())
 }
 
 /// A model over tokenized texts: a batch in, one output vector per text out (a bi-encoder's
@@ -122,13 +126,7 @@ impl Encoder {
 
     /// Tokenizes on the calling thread (use from a blocking context for large inputs).
     pub fn tokenize(&self, texts: &[String]) -> Result<Vec<TokenizedText>, EncodeError> {
-        let inputs: Vec<&str> = texts.iter().map(String::as_str).collect();
-        let encodings = self
-            .inner
-            .tokenizer
-            .encode_batch(inputs, true)
-            .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
-        Ok(tokenized(encodings))
+        tokenize_all(&self.inner.tokenizer, texts.iter().map(String::as_str).collect())
     }
 
     /// Encodes texts into L2-normalized vectors, in order. Tokenization runs off the async
@@ -190,14 +188,7 @@ impl Reranker {
 
     /// Tokenizes (query, document) pairs as two segments, truncated longest-first.
     pub fn tokenize_pairs(&self, pairs: &[(String, String)]) -> Result<Vec<TokenizedText>, EncodeError> {
-        let inputs: Vec<tokenizers::EncodeInput> =
-            pairs.iter().map(|(q, d)| (q.as_str(), d.as_str()).into()).collect();
-        let encodings = self
-            .inner
-            .tokenizer
-            .encode_batch(inputs, true)
-            .map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
-        Ok(tokenized(encodings))
+        tokenize_all(&self.inner.tokenizer, pairs.iter().map(|(q, d)| (q.as_str(), d.as_str())).collect())
     }
 
     /// Each pair's logits, in order; pairs from concurrent callers share model batches.
