@@ -28,6 +28,9 @@ pub struct ServerConfig {
     pub auth_token_file: PathBuf,
     pub data_dir: PathBuf,
     pub shutdown_grace_seconds: u64,
+    /// PEM certificate chain and private key for TLS on the gRPC port; both empty: plaintext.
+    pub tls_cert_file: PathBuf,
+    pub tls_key_file: PathBuf,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -41,6 +44,67 @@ pub struct EncoderConfig {
     pub queue_capacity: usize,
     /// Re-encode refreshes load checkpoints from under this directory only.
     pub models_root: PathBuf,
+    /// `cpu` or `cuda:N` (see [`EncoderConfig::device_spec`]).
+    pub device: String,
+    /// `f32`, `f16` or `bf16` (see [`EncoderConfig::dtype_spec`]).
+    pub dtype: String,
+}
+
+impl EncoderConfig {
+    pub fn device_spec(&self) -> DeviceSpec {
+        parse_device(&self.device).expect("validated at load")
+    }
+    pub fn dtype_spec(&self) -> DTypeSpec {
+        parse_dtype(&self.dtype).expect("validated at load")
+    }
+}
+
+impl RerankerConfig {
+    pub fn device_spec(&self) -> DeviceSpec {
+        parse_device(&self.device).expect("validated at load")
+    }
+    pub fn dtype_spec(&self) -> DTypeSpec {
+        parse_dtype(&self.dtype).expect("validated at load")
+    }
+}
+
+/// Where a model runs.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DeviceSpec {
+    Cpu,
+    /// CUDA device ordinal; needs a build with the `cuda` feature.
+    Cuda(usize),
+}
+
+/// The dtype a model's weights and activations use.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum DTypeSpec {
+    F32,
+    F16,
+    Bf16,
+}
+
+/// `cpu`, `cuda` (= `cuda:0`) or `cuda:N`.
+pub fn parse_device(s: &str) -> Result<DeviceSpec, String> {
+    match s.trim() {
+        "cpu" => Ok(DeviceSpec::Cpu),
+        "cuda" => Ok(DeviceSpec::Cuda(0)),
+        other => other
+            .strip_prefix("cuda:")
+            .and_then(|n| n.parse::<usize>().ok())
+            .map(DeviceSpec::Cuda)
+            .ok_or_else(|| format!("{s:?} is not a device: use \"cpu\" or \"cuda:N\"")),
+    }
+}
+
+/// `f32`, `f16` or `bf16`.
+pub fn parse_dtype(s: &str) -> Result<DTypeSpec, String> {
+    match s.trim() {
+        "f32" => Ok(DTypeSpec::F32),
+        "f16" => Ok(DTypeSpec::F16),
+        "bf16" => Ok(DTypeSpec::Bf16),
+        _ => Err(format!("{s:?} is not a dtype: use \"f32\", \"f16\" or \"bf16\"")),
+    }
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -53,6 +117,10 @@ pub struct RerankerConfig {
     pub token_budget: usize,
     pub max_batch_texts: usize,
     pub queue_capacity: usize,
+    /// `cpu` or `cuda:N`.
+    pub device: String,
+    /// `f32`, `f16` or `bf16`.
+    pub dtype: String,
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -209,6 +277,16 @@ impl Config {
                 reason: format!("{:?} is not an ADDR:PORT socket address (or empty to turn metrics off)", self.server.metrics_listen),
             });
         }
+        for (field, value) in [("encoder.device", &self.encoder.device), ("reranker.device", &self.reranker.device)] {
+            parse_device(value).map_err(|reason| ConfigError::Invalid { field, reason })?;
+        }
+        for (field, value) in [("encoder.dtype", &self.encoder.dtype), ("reranker.dtype", &self.reranker.dtype)] {
+            parse_dtype(value).map_err(|reason| ConfigError::Invalid { field, reason })?;
+        }
+        if self.server.tls_cert_file.as_os_str().is_empty() != self.server.tls_key_file.as_os_str().is_empty() {
+            let field = if self.server.tls_cert_file.as_os_str().is_empty() { "server.tls_cert_file" } else { "server.tls_key_file" };
+            return Err(ConfigError::Invalid { field, reason: "TLS needs both server.tls_cert_file and server.tls_key_file (or neither)".into() });
+        }
         if self.server.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(ConfigError::Invalid {
                 field: "server.listen",
@@ -279,5 +357,29 @@ mod tests {
         let flags = Overrides { listen: Some("nowhere".into()), ..Default::default() };
         let err = Config::load_with_env(None, &flags, no_env()).unwrap_err();
         assert!(err.to_string().contains("server.listen"), "{err}");
+        for (key, value, field) in [
+            ("HARDNEG__ENCODER__DEVICE", "gpu", "encoder.device"),
+            ("HARDNEG__RERANKER__DEVICE", "cuda:x", "reranker.device"),
+            ("HARDNEG__ENCODER__DTYPE", "f8", "encoder.dtype"),
+            ("HARDNEG__RERANKER__DTYPE", "half", "reranker.dtype"),
+            ("HARDNEG__SERVER__TLS_CERT_FILE", "/c.pem", "server.tls_key_file"),
+        ] {
+            let env = HashMap::from([(key.to_string(), value.to_string())]);
+            let err = Config::load_with_env(None, &Overrides::default(), Some(env)).unwrap_err();
+            assert!(err.to_string().contains(field), "{key}={value}: {err}");
+        }
+    }
+
+    #[test]
+    fn devices_and_dtypes_parse() {
+        assert_eq!(parse_device("cpu"), Ok(DeviceSpec::Cpu));
+        assert_eq!(parse_device("cuda"), Ok(DeviceSpec::Cuda(0)));
+        assert_eq!(parse_device("cuda:3"), Ok(DeviceSpec::Cuda(3)));
+        assert!(parse_device("cuda:").is_err());
+        assert_eq!(parse_dtype("bf16"), Ok(DTypeSpec::Bf16));
+        assert_eq!(parse_dtype("f16"), Ok(DTypeSpec::F16));
+        let cfg = Config::load_with_env(None, &Overrides::default(), no_env()).unwrap();
+        assert_eq!((cfg.encoder.device_spec(), cfg.encoder.dtype_spec()), (DeviceSpec::Cpu, DTypeSpec::F32));
+        assert_eq!((cfg.reranker.device_spec(), cfg.reranker.dtype_spec()), (DeviceSpec::Cpu, DTypeSpec::F32));
     }
 }
