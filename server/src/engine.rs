@@ -264,7 +264,8 @@ impl Engine {
             max_batch_texts: cfg.max_batch_texts,
             queue_capacity: cfg.queue_capacity,
         };
-        Encoder::load(dir, cfg.max_tokens, batch)
+        let placement = crate::encode::Placement { device: cfg.device_spec(), dtype: cfg.dtype_spec() };
+        Encoder::load_on(dir, cfg.max_tokens, batch, placement)
     }
 
     /// The encoder that can encode text for a generation, or why none can.

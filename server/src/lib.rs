@@ -25,7 +25,7 @@ pub mod proto {
 }
 
 use config::Config;
-use encode::{BatchConfig, Encoder, Reranker};
+use encode::{BatchConfig, Encoder, Placement, Reranker};
 use engine::Engine;
 
 /// Loads the encoder and the collections, serves gRPC until `shutdown` resolves, then saves
@@ -48,9 +48,10 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
     };
     let model_dir = cfg.encoder.model_dir.clone();
     let max_tokens = cfg.encoder.max_tokens;
-    let encoder = tokio::task::spawn_blocking(move || Encoder::load(&model_dir, max_tokens, batch))
+    let placement = Placement { device: cfg.encoder.device_spec(), dtype: cfg.encoder.dtype_spec() };
+    let encoder = tokio::task::spawn_blocking(move || Encoder::load_on(&model_dir, max_tokens, batch, placement))
         .await?
-        .map_err(|e| anyhow::anyhow!("encoder.model_dir: {e}"))?;
+        .map_err(|e| anyhow::anyhow!("{}: {e}", e.config_field("encoder")))?;
     let info = encoder.info().clone();
     tracing::info!(model = %info.name, dims = info.dims, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "encoder loaded");
     let reranker = if cfg.reranker.model_dir.as_os_str().is_empty() {
@@ -62,9 +63,10 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
             max_batch_texts: rcfg.max_batch_texts,
             queue_capacity: rcfg.queue_capacity,
         };
-        let reranker = tokio::task::spawn_blocking(move || Reranker::load(&rcfg.model_dir, rcfg.max_tokens, batch))
+        let placement = Placement { device: rcfg.device_spec(), dtype: rcfg.dtype_spec() };
+        let reranker = tokio::task::spawn_blocking(move || Reranker::load_on(&rcfg.model_dir, rcfg.max_tokens, batch, placement))
             .await?
-            .map_err(|e| anyhow::anyhow!("reranker.model_dir: {e}"))?;
+            .map_err(|e| anyhow::anyhow!("{}: {e}", e.config_field("reranker")))?;
         let info = reranker.info();
         tracing::info!(model = %info.name, family = info.family, labels = info.num_labels, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "cross-encoder loaded");
         Some(reranker)

@@ -26,6 +26,19 @@ pub enum EncodeError {
     /// The model thread is gone (shutdown or a panic).
     #[error("encoder is not running")]
     Stopped,
+    /// The device or dtype asked for cannot be used by this build or machine.
+    #[error("device: {0}")]
+    Unsupported(String),
+}
+
+impl EncodeError {
+    /// The configuration key a load failure points at, within `section` (`encoder`, `reranker`).
+    pub fn config_field(&self, section: &str) -> String {
+        match self {
+            EncodeError::Unsupported(_) => format!("{section}.device / {section}.dtype"),
+            _ => format!("{section}.model_dir"),
+        }
+    }
 }
 
 /// One tokenized text, truncated to the encoder's maximum length, special tokens included.
@@ -100,9 +113,29 @@ struct Inner {
     batcher: batcher::Handle,
 }
 
+/// Where a model runs and in which dtype.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Placement {
+    pub device: crate::config::DeviceSpec,
+    pub dtype: crate::config::DTypeSpec,
+}
+
+impl Placement {
+    pub const CPU_F32: Placement =
+        Placement { device: crate::config::DeviceSpec::Cpu, dtype: crate::config::DTypeSpec::F32 };
+}
+
 impl Encoder {
-    /// Loads a BERT-family sentence encoder from an HF-style model directory.
+    /// Loads a BERT-family sentence encoder from an HF-style model directory, on the CPU in f32.
     pub fn load(dir: &Path, max_tokens: usize, cfg: BatchConfig) -> Result<Self, EncodeError> {
+        Self::load_on(dir, max_tokens, cfg, Placement::CPU_F32)
+    }
+
+    /// As [`Encoder::load`], on the given device and dtype.
+    pub fn load_on(dir: &Path, max_tokens: usize, cfg: BatchConfig, placement: Placement) -> Result<Self, EncodeError> {
+        if placement != Placement::CPU_F32 {
+            return Err(EncodeError::Unsupported(format!("{placement:?}")));
+        }
         let loaded = bert::BertEmbedder::load(dir, max_tokens)?;
         let info = loaded.info.clone();
         Self::start(Box::new(loaded.model), loaded.tokenizer, info, cfg)
@@ -173,8 +206,17 @@ struct RerankerInner {
 }
 
 impl Reranker {
-    /// Loads a sequence-classification checkpoint (see [`cross`]) from an HF-style directory.
+    /// Loads a sequence-classification checkpoint (see [`cross`]) from an HF-style directory,
+    /// on the CPU in f32.
     pub fn load(dir: &Path, max_tokens: usize, cfg: BatchConfig) -> Result<Self, EncodeError> {
+        Self::load_on(dir, max_tokens, cfg, Placement::CPU_F32)
+    }
+
+    /// As [`Reranker::load`], on the given device and dtype.
+    pub fn load_on(dir: &Path, max_tokens: usize, cfg: BatchConfig, placement: Placement) -> Result<Self, EncodeError> {
+        if placement != Placement::CPU_F32 {
+            return Err(EncodeError::Unsupported(format!("{placement:?}")));
+        }
         let loaded = cross::CrossEncoderModel::load(dir, max_tokens, &candle_core::Device::Cpu)?;
         let mut tokenizer = loaded.tokenizer;
         set_lengths(&mut tokenizer, loaded.info.max_tokens)?;
