@@ -5,7 +5,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::{Duration, Instant};
 
-use hardneg_client::Client;
+use hardneg_client::{Client, ConnectOptions};
 
 /// The workspace root.
 pub fn root() -> PathBuf {
@@ -50,6 +50,8 @@ pub struct Server {
     pub addr: String,
     pub data_dir: PathBuf,
     pub log: PathBuf,
+    /// How [`Server::client`] connects (TLS CA, token).
+    pub connect: ConnectOptions,
 }
 
 impl Server {
@@ -65,6 +67,17 @@ impl Server {
 
     /// As [`Server::start_with`], with `model` as the server's encoder.
     pub async fn start_with_model(data_dir: &Path, model: &Path, env: &[(&str, &str)]) -> Self {
+        Self::launch(data_dir, model, env, "http://127.0.0.1", ConnectOptions::default()).await
+    }
+
+    /// As [`Server::start_with`] for a server with TLS on (its certificate and key given in
+    /// `env`): clients connect to https://localhost:PORT trusting `ca_pem`.
+    pub async fn start_tls(data_dir: &Path, env: &[(&str, &str)], ca_pem: &[u8]) -> Self {
+        let connect = ConnectOptions { tls_ca_pem: Some(ca_pem.to_vec()), ..Default::default() };
+        Self::launch(data_dir, &model_dir(), env, "https://localhost", connect).await
+    }
+
+    async fn launch(data_dir: &Path, model: &Path, env: &[(&str, &str)], base: &str, connect: ConnectOptions) -> Self {
         let port = free_port();
         let log = data_dir.with_extension(format!("{port}.log"));
         let mut cmd = Command::new(bin("hardneg-server"));
@@ -80,14 +93,19 @@ impl Server {
             cmd.env(k, v);
         }
         let child = cmd.spawn().expect("spawn hardneg-server");
-        let mut server =
-            Server { child: Some(child), addr: format!("http://127.0.0.1:{port}"), data_dir: data_dir.to_path_buf(), log };
+        let mut server = Server {
+            child: Some(child),
+            addr: format!("{base}:{port}"),
+            data_dir: data_dir.to_path_buf(),
+            log,
+            connect,
+        };
         let deadline = Instant::now() + Duration::from_secs(120);
         loop {
             if let Some(status) = server.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("server exited with {status} during startup:\n{}", server.log_text());
             }
-            if let Ok(mut c) = Client::connect(&server.addr).await {
+            if let Ok(mut c) = Client::connect_with(&server.addr, &server.connect).await {
                 if c.ready().await.unwrap_or(false) {
                     return server;
                 }
@@ -102,26 +120,43 @@ impl Server {
     }
 
     pub async fn client(&self) -> Client {
-        Client::connect(&self.addr).await.expect("connect to test server")
+        Client::connect_with(&self.addr, &self.connect).await.expect("connect to test server")
+    }
+
+    /// The server's process id.
+    pub fn pid(&self) -> u32 {
+        self.child.as_ref().expect("server is running").id()
+    }
+
+    /// Sends SIGTERM.
+    pub fn sigterm(&self) {
+        let id = self.child.as_ref().expect("server is running").id();
+        let status = Command::new("kill").arg("-TERM").arg(id.to_string()).status().unwrap();
+        assert!(status.success());
+    }
+
+    /// Waits for the process to exit, at most `limit`; its status (the process is killed and
+    /// the test fails past the limit).
+    pub fn wait_exit(&mut self, limit: Duration) -> std::process::ExitStatus {
+        let mut child = self.child.take().expect("server is running");
+        let deadline = Instant::now() + limit;
+        loop {
+            if let Some(status) = child.try_wait().unwrap() {
+                return status;
+            }
+            if Instant::now() > deadline {
+                let _ = child.kill();
+                panic!("server did not exit within {limit:?}:\n{}", self.log_text());
+            }
+            std::thread::sleep(Duration::from_millis(20));
+        }
     }
 
     /// SIGTERM, then wait for a clean exit (status 0) within `limit`.
     pub fn stop(mut self, limit: Duration) {
-        let mut child = self.child.take().unwrap();
-        let status = Command::new("kill").arg("-TERM").arg(child.id().to_string()).status().unwrap();
-        assert!(status.success());
-        let deadline = Instant::now() + limit;
-        loop {
-            if let Some(status) = child.try_wait().unwrap() {
-                assert!(status.success(), "server exited with {status}:\n{}", self.log_text());
-                return;
-            }
-            if Instant::now() > deadline {
-                let _ = child.kill();
-                panic!("server did not exit within {limit:?} of SIGTERM:\n{}", self.log_text());
-            }
-            std::thread::sleep(Duration::from_millis(50));
-        }
+        self.sigterm();
+        let status = self.wait_exit(limit);
+        assert!(status.success(), "server exited with {status}:\n{}", self.log_text());
     }
 }
 

@@ -2,7 +2,7 @@
 pub mod beir;
 
 use futures::Stream;
-use tonic::transport::{Channel, Endpoint};
+use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Generated wire types and the raw client stub (package `hardneg.v1`).
 pub mod proto {
@@ -35,6 +35,8 @@ pub enum ClientError {
     Address(String),
     #[error("the token holds characters a header cannot carry")]
     Token,
+    #[error("TLS: {0}")]
+    Tls(String),
     #[error("{}: {}", .0.code(), .0.message())]
     Status(#[from] tonic::Status),
 }
@@ -51,6 +53,17 @@ impl ClientError {
 
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
 
+/// How [`Client::connect_with`] connects.
+#[derive(Debug, Clone, Default)]
+pub struct ConnectOptions {
+    /// Sent as `authorization: Bearer <token>` with every call.
+    pub token: Option<String>,
+    /// PEM certificate(s) of the CA that signed the server's certificate (https:// only).
+    pub tls_ca_pem: Option<Vec<u8>>,
+    /// The name to check the server's certificate against, when not the address's host.
+    pub tls_domain: Option<String>,
+}
+
 /// A connection to one hardneg server. Cheap to clone; clones share the channel.
 #[derive(Clone)]
 pub struct Client {
@@ -66,10 +79,33 @@ impl Client {
 
     /// Connects, sending `token` as a bearer token with every call (servers with auth on).
     pub async fn connect_with_token(addr: &str, token: Option<&str>) -> Result<Self> {
-        let token = token
+        Self::connect_with(addr, &ConnectOptions { token: token.map(str::to_string), ..Default::default() }).await
+    }
+
+    /// Connects with `options`. An `https://` address uses TLS: the server's certificate is
+    /// checked against `options.tls_ca_pem` when given, else against the system's roots.
+    pub async fn connect_with(addr: &str, options: &ConnectOptions) -> Result<Self> {
+        let token = options
+            .token
+            .as_deref()
             .map(|t| format!("Bearer {}", t.trim()).parse().map_err(|_| ClientError::Token))
             .transpose()?;
-        let endpoint = Endpoint::from_shared(addr.to_string()).map_err(|_| ClientError::Address(addr.to_string()))?;
+        let mut endpoint = Endpoint::from_shared(addr.to_string()).map_err(|_| ClientError::Address(addr.to_string()))?;
+        let https = addr.starts_with("https://");
+        if !https && (options.tls_ca_pem.is_some() || options.tls_domain.is_some()) {
+            return Err(ClientError::Tls(format!("a CA or TLS domain was given but {addr:?} is not an https:// address")));
+        }
+        if https {
+            let mut tls = ClientTlsConfig::new();
+            tls = match &options.tls_ca_pem {
+                Some(pem) => tls.ca_certificate(Certificate::from_pem(pem)),
+                None => tls.with_native_roots(),
+            };
+            if let Some(domain) = &options.tls_domain {
+                tls = tls.domain_name(domain.clone());
+            }
+            endpoint = endpoint.tls_config(tls).map_err(|e| ClientError::Tls(e.to_string()))?;
+        }
         let channel = endpoint
             .connect()
             .await

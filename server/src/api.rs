@@ -419,7 +419,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
             let mut collection: Option<String> = None;
             let (mut inserted, mut updated) = (0, 0);
             let mut coll = None;
-            while let Some(msg) = stream.message().await? {
+            while let Some(msg) = stream.message().await.map_err(crate::error::inbound)? {
                 let name = match (&collection, msg.collection.as_str()) {
                     (None, "") => return Err(Error::invalid("collection", "is empty in the first message").into()),
                     (None, n) => {
@@ -516,6 +516,25 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
             })?;
             let open = crate::metrics::OpenStream::new("MineStream");
             let in_flight = self.in_flight.clone();
+            // From shutdown on, no further batch is read: those read are mined, then the
+            // stream ends with UNAVAILABLE.
+            let mut shutdown = engine.shutdown_watch();
+            let input = async_stream::stream! {
+                let mut input = input;
+                loop {
+                    tokio::select! {
+                        biased;
+                        _ = async { shutdown.wait_for(|stopping| *stopping).await.is_ok() } => {
+                            yield Err(Status::unavailable("the server is shutting down: batches sent after the answered ones were not mined; send them again once it is back"));
+                            break;
+                        }
+                        msg = input.next() => match msg {
+                            Some(msg) => yield msg,
+                            None => break,
+                        },
+                    }
+                }
+            };
             let output = input
                 .map(move |msg| {
                     let _held = (&open, &stream_slot);
@@ -524,7 +543,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                     async move {
                         // Stream batches wait for a slot rather than fail.
                         let _slot = in_flight.acquire_owned().await.map_err(|_| Status::unavailable("shutting down"))?;
-                        let req = msg?;
+                        let req = msg.map_err(crate::error::inbound)?;
                         let batch_id = req.batch_id;
                         let result = mine_one(&engine, req).await.map_err(|e| {
                             let status = Status::from(e);
@@ -567,6 +586,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
                 let item = match p.phase.as_str() {
                     "done" => (Ok(p), true),
                     "cancelled" => (Err(Status::aborted(format!("refresh of {:?} to generation {} cancelled", p.collection, p.generation))), true),
+                    "interrupted" => (Err(Status::unavailable(format!("refresh of {:?} to generation {} stopped: the server is shutting down; nothing of it was kept, run it again once the server is back", p.collection, p.generation))), true),
                     "failed" => (Err(Status::internal(format!("refresh of {:?} failed: {}", p.collection, p.error))), true),
                     _ => match rx.changed().await {
                         Ok(()) => (Ok(p), false),
@@ -590,7 +610,7 @@ impl pb::negative_miner_server::NegativeMiner for MinerService {
             let mut stream = request.into_inner();
             let mut target: Option<(Arc<crate::engine::Collection>, String)> = None;
             let mut out = pb::UploadVectorsResponse::default();
-            while let Some(msg) = stream.message().await? {
+            while let Some(msg) = stream.message().await.map_err(crate::error::inbound)? {
                 if target.is_none() {
                     validate_name("collection", &msg.collection)?;
                     let name = msg.encoder_name.trim();

@@ -27,7 +27,8 @@ pub struct ServerConfig {
     /// Empty: the token comes from HARDNEG_AUTH_TOKEN, or there is none.
     pub auth_token_file: PathBuf,
     pub data_dir: PathBuf,
-    pub shutdown_grace_seconds: u64,
+    pub shutdown_grace_seconds: f64,
+    pub shutdown_timeout_seconds: f64,
     /// PEM certificate chain and private key for TLS on the gRPC port; both empty: plaintext.
     pub tls_cert_file: PathBuf,
     pub tls_key_file: PathBuf,
@@ -264,6 +265,20 @@ impl Config {
         }
         if !(self.limits.mine_timeout_seconds > 0.0 && self.limits.mine_timeout_seconds.is_finite()) {
             return Err(ConfigError::Invalid { field: "limits.mine_timeout_seconds", reason: "must be a finite number of seconds above 0".into() });
+        }
+        for (field, value) in [
+            ("server.shutdown_grace_seconds", self.server.shutdown_grace_seconds),
+            ("server.shutdown_timeout_seconds", self.server.shutdown_timeout_seconds),
+        ] {
+            if !(value >= 0.0 && value.is_finite()) {
+                return Err(ConfigError::Invalid { field, reason: "must be a finite number of seconds, 0 or more".into() });
+            }
+        }
+        if self.server.shutdown_timeout_seconds < self.server.shutdown_grace_seconds {
+            return Err(ConfigError::Invalid {
+                field: "server.shutdown_timeout_seconds",
+                reason: "must be at least server.shutdown_grace_seconds".into(),
+            });
         }
         if !(self.mining.min_generation_wait_seconds >= 0.0 && self.mining.min_generation_wait_seconds.is_finite()) {
             return Err(ConfigError::Invalid {

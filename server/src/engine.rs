@@ -194,6 +194,8 @@ pub struct Engine {
     pub reranker: Option<Reranker>,
     collections: RwLock<HashMap<String, Arc<Collection>>>,
     pub(crate) index_dir: PathBuf,
+    /// True once shutdown begins: re-encodes and MineStream streams stop at their next safe point.
+    shutdown: tokio::sync::watch::Sender<bool>,
 }
 
 /// Resolved mining options (defaults applied, validated).
@@ -241,6 +243,7 @@ impl Engine {
             reranker,
             collections: RwLock::new(HashMap::new()),
             index_dir,
+            shutdown: tokio::sync::watch::Sender::new(false),
         };
         for mut meta in engine.store.collections()? {
             if let Some(b) = meta.building.clone().filter(|b| b.encoder.kind != EncoderKind::Trainer) {
@@ -358,6 +361,39 @@ impl Engine {
     }
 
     /// Saves every collection's current index with its manifest.
+    /// Begins shutdown: every running re-encode stops at its next safe point (the end of the
+    /// chunk it is encoding; its half-built generation is dropped) and its stream ends with
+    /// UNAVAILABLE; MineStream streams finish the batches they have read and end with
+    /// UNAVAILABLE. Pending trainer vectors stay in the store for a commit after the restart.
+    pub fn begin_shutdown(&self) {
+        self.shutdown.send_replace(true);
+        for coll in self.collections.read().values() {
+            if let Some(job) = coll.refresh.lock().as_ref() {
+                job.cancel();
+            }
+        }
+    }
+
+    pub fn is_shutting_down(&self) -> bool {
+        *self.shutdown.borrow()
+    }
+
+    /// Watches for [`Engine::begin_shutdown`].
+    pub fn shutdown_watch(&self) -> tokio::sync::watch::Receiver<bool> {
+        self.shutdown.subscribe()
+    }
+
+    /// Resolves once no re-encode refresh is running.
+    pub async fn refreshes_stopped(&self) {
+        loop {
+            let running = self.collections.read().values().any(|c| c.refresh.lock().is_some());
+            if !running {
+                return;
+            }
+            tokio::time::sleep(std::time::Duration::from_millis(20)).await;
+        }
+    }
+
     pub async fn save_indexes(&self) -> Result<()> {
         let colls: Vec<Arc<Collection>> = self.collections.read().values().cloned().collect();
         for coll in colls {

@@ -1,5 +1,6 @@
 //! One error table: every layer's failures end up here, and this is the only place that
 //! maps them to gRPC status codes.
+use tonic::codegen::http;
 use tonic::{Code, Status};
 
 #[derive(Debug, thiserror::Error)]
@@ -93,6 +94,62 @@ impl From<Error> for Status {
 
 pub type Result<T, E = Error> = std::result::Result<T, E>;
 
+/// How tonic words the refusal of an inbound message above the size limit.
+const TONIC_OVERSIZE: &str = "Error, decoded message length too large";
+
+/// What a client gets for a message above `limits.max_message_bytes`.
+fn oversize_message(detail: &str) -> String {
+    format!("message too large for limits.max_message_bytes: {}", detail.trim_start_matches(TONIC_OVERSIZE).trim_start_matches(':').trim())
+}
+
+/// An error reading a client's stream, as the client gets it: tonic refuses an oversized
+/// message with OUT_OF_RANGE; gRPC's convention (and this service's) is RESOURCE_EXHAUSTED
+/// naming the limit.
+pub fn inbound(status: Status) -> Status {
+    if status.code() == Code::OutOfRange && status.message().starts_with(TONIC_OVERSIZE) {
+        metrics::counter!(crate::metrics::REJECTED, "reason" => "message_too_large").increment(1);
+        return Status::resource_exhausted(oversize_message(status.message()));
+    }
+    status
+}
+
+/// The same for unary calls, whose oversized request tonic answers before any handler runs:
+/// rewrites such a trailers-only response (see [`inbound`]).
+pub fn rewrite_oversize<B>(mut response: http::Response<B>) -> http::Response<B> {
+    let headers = response.headers_mut();
+    if headers.get("grpc-status").is_some_and(|v| v.as_bytes() == b"11") {
+        let message = headers.get("grpc-message").map(|v| percent_decode(v.as_bytes())).unwrap_or_default();
+        if message.starts_with(TONIC_OVERSIZE) {
+            metrics::counter!(crate::metrics::REJECTED, "reason" => "message_too_large").increment(1);
+            let text = oversize_message(&message);
+            if let Ok(value) = http::HeaderValue::from_str(&text) {
+                headers.insert("grpc-status", http::HeaderValue::from_static("8"));
+                headers.insert("grpc-message", value);
+            }
+        }
+    }
+    response
+}
+
+/// grpc-message is percent-encoded (only where needed).
+fn percent_decode(raw: &[u8]) -> String {
+    let mut out = Vec::with_capacity(raw.len());
+    let mut i = 0;
+    while i < raw.len() {
+        let hex = |b: u8| (b as char).to_digit(16);
+        if raw[i] == b'%' && i + 2 < raw.len() {
+            if let (Some(h), Some(l)) = (hex(raw[i + 1]), hex(raw[i + 2])) {
+                out.push((h * 16 + l) as u8);
+                i += 3;
+                continue;
+            }
+        }
+        out.push(raw[i]);
+        i += 1;
+    }
+    String::from_utf8_lossy(&out).into_owned()
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -113,5 +170,25 @@ mod tests {
         }
         let status = Status::from(Error::invalid("queries[3].text", "is empty"));
         assert_eq!(status.message(), "queries[3].text: is empty");
+    }
+
+    #[test]
+    fn oversized_messages_are_resource_exhausted_naming_the_limit() {
+        let tonic_said = Status::out_of_range("Error, decoded message length too large: found 2000 bytes, the limit is: 1024 bytes");
+        let status = inbound(tonic_said);
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert_eq!(status.message(), "message too large for limits.max_message_bytes: found 2000 bytes, the limit is: 1024 bytes");
+        let other = inbound(Status::out_of_range("options.range_max: too deep"));
+        assert_eq!((other.code(), other.message()), (Code::OutOfRange, "options.range_max: too deep"));
+
+        // The unary path: a trailers-only response as tonic writes it (percent-encoded).
+        let response = Status::out_of_range("Error, decoded message length too large: found 2000 bytes, the limit is: 1024 bytes").into_http::<()>();
+        let response = rewrite_oversize(response);
+        let status = Status::from_header_map(response.headers()).unwrap();
+        assert_eq!(status.code(), Code::ResourceExhausted);
+        assert!(status.message().starts_with("message too large for limits.max_message_bytes: found 2000"), "{}", status.message());
+        let untouched = rewrite_oversize(Status::invalid_argument("queries[0].text: is empty").into_http::<()>());
+        let status = Status::from_header_map(untouched.headers()).unwrap();
+        assert_eq!((status.code(), status.message()), (Code::InvalidArgument, "queries[0].text: is empty"));
     }
 }

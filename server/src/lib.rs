@@ -94,9 +94,15 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
     reporter.set_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>().await;
     tracing::info!(%addr, "hardneg-server listening");
 
+    let mut builder = tonic::transport::Server::builder();
+    if let Some(tls) = tls_config(&cfg.server)? {
+        builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("server.tls_cert_file / server.tls_key_file: {e}"))?;
+        tracing::info!("TLS on for the gRPC port");
+    }
     let (stop_tx, stop_rx) = tokio::sync::oneshot::channel::<()>();
     let mut server = tokio::spawn(
-        tonic::transport::Server::builder()
+        builder
+            .layer(tower::util::MapResponseLayer::new(error::rewrite_oversize))
             .add_service(health)
             .add_service(reflection)
             .add_service(miner)
@@ -107,20 +113,56 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
     tokio::select! {
         result = &mut server => result??,
         _ = shutdown => {
+            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs_f64(cfg.server.shutdown_timeout_seconds);
             reporter.set_not_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>().await;
             let _ = stop_tx.send(());
-            let grace = std::time::Duration::from_secs(cfg.server.shutdown_grace_seconds);
-            match tokio::time::timeout(grace, &mut server).await {
+            engine.begin_shutdown();
+            let grace = std::time::Duration::from_secs_f64(cfg.server.shutdown_grace_seconds);
+            let drained = tokio::time::timeout(grace, async {
+                let (served, ()) = tokio::join!(&mut server, engine.refreshes_stopped());
+                served
+            });
+            match drained.await {
                 Ok(result) => result??,
                 Err(_) => {
-                    tracing::warn!(?grace, "requests still in flight after the grace period; saving anyway");
+                    tracing::warn!(?grace, "requests or refreshes still running after the grace period; saving anyway");
                     server.abort();
                 }
             }
+            tracing::info!("stopped accepting; saving indexes");
+            match tokio::time::timeout_at(deadline, engine.save_indexes()).await {
+                Ok(saved) => saved?,
+                Err(_) => tracing::warn!(
+                    seconds = cfg.server.shutdown_timeout_seconds,
+                    "indexes not all saved within server.shutdown_timeout_seconds; the next start rebuilds them from the store"
+                ),
+            }
+            tracing::info!("shutdown complete");
+            return Ok(());
         }
     }
     tracing::info!("stopped accepting; saving indexes");
     engine.save_indexes().await?;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// The TLS identity from `server.tls_cert_file` and `server.tls_key_file`, when both are set.
+fn tls_config(cfg: &config::ServerConfig) -> anyhow::Result<Option<tonic::transport::ServerTlsConfig>> {
+    if cfg.tls_cert_file.as_os_str().is_empty() {
+        return Ok(None);
+    }
+    let read = |field: &str, path: &std::path::Path| {
+        std::fs::read(path).map_err(|e| anyhow::anyhow!("{field}: reading {}: {e}", path.display()))
+    };
+    let cert = read("server.tls_cert_file", &cfg.tls_cert_file)?;
+    let key = read("server.tls_key_file", &cfg.tls_key_file)?;
+    if !String::from_utf8_lossy(&cert).contains("-----BEGIN CERTIFICATE-----") {
+        anyhow::bail!("server.tls_cert_file: {} holds no PEM certificate", cfg.tls_cert_file.display());
+    }
+    if !String::from_utf8_lossy(&key).contains("PRIVATE KEY-----") {
+        anyhow::bail!("server.tls_key_file: {} holds no PEM private key", cfg.tls_key_file.display());
+    }
+    let identity = tonic::transport::Identity::from_pem(cert, key);
+    Ok(Some(tonic::transport::ServerTlsConfig::new().identity(identity)))
 }

@@ -64,7 +64,11 @@ fn main() -> std::process::ExitCode {
         return std::process::ExitCode::SUCCESS;
     }
     let runtime = tokio::runtime::Builder::new_multi_thread().enable_all().build().expect("tokio runtime starts");
-    match runtime.block_on(hardneg_server::serve(cfg, shutdown_signal())) {
+    let served = runtime.block_on(hardneg_server::serve(cfg, shutdown_signal()));
+    // Work still on blocking threads (a save cut off by server.shutdown_timeout_seconds) does
+    // not hold up the exit.
+    runtime.shutdown_timeout(std::time::Duration::from_millis(200));
+    match served {
         Ok(()) => std::process::ExitCode::SUCCESS,
         Err(e) => {
             tracing::error!("{e:#}");

@@ -120,11 +120,18 @@ impl Engine {
             let _w = coll.write.lock().await;
             coll.live_name()?;
             check_idle(coll)?;
+            if self.is_shutting_down() {
+                return Err(Error::Unavailable("the server is shutting down: run the refresh once it is back".into()));
+            }
             let store = self.store.clone();
             let (n, g) = (name.clone(), generation.clone());
             let meta = blocking(move || store.begin_generation(&n, &g).map_err(busy)).await?;
             *coll.meta.write() = meta;
             *coll.refresh.lock() = Some(RefreshJob { progress: rx.clone(), cancelled: cancelled.clone() });
+            // Shutdown may have begun since the check: it then missed this job.
+            if self.is_shutting_down() {
+                cancelled.store(true, Ordering::Release);
+            }
         }
         tracing::info!(collection = %name, generation = number, encoder = %info.name, "re-encode refresh started");
         let (this, coll) = (self.clone(), coll.clone());
@@ -155,9 +162,20 @@ impl Engine {
                             Err(abort) => tracing::error!(collection = %last.collection, error = %abort, "could not drop the unfinished generation"),
                         }
                     }
-                    last.phase = if matches!(e, Error::Cancelled) { "cancelled" } else { "failed" }.into();
-                    last.error = e.to_string();
-                    tracing::warn!(collection = %last.collection, generation = number, error = %e, "re-encode refresh ended without a swap");
+                    let shutdown = this.is_shutting_down();
+                    last.phase = match e {
+                        Error::Cancelled if shutdown => "interrupted",
+                        Error::Cancelled => "cancelled",
+                        _ => "failed",
+                    }
+                    .into();
+                    if shutdown && matches!(e, Error::Cancelled) {
+                        last.error = "stopped for shutdown".into();
+                        tracing::info!(collection = %last.collection, generation = number, done = last.done, total = last.total, "re-encode refresh stopped at a safe point for shutdown; its half-built generation was dropped");
+                    } else {
+                        last.error = e.to_string();
+                        tracing::warn!(collection = %last.collection, generation = number, error = %e, "re-encode refresh ended without a swap");
+                    }
                 }
             }
             let outcome = if result.is_ok() { "done" } else { last.phase.as_str() };
