@@ -393,3 +393,51 @@ async fn many_streams_with_oversized_batches_stay_bounded() {
     let mut c = server.client().await;
     assert_eq!(c.mine(request(1, 0)).await.unwrap().results.len(), 32);
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn health_is_not_serving_while_loading() {
+    let tmp = tempfile::tempdir().unwrap();
+    let port = hardneg_tests::free_port();
+    let addr = format!("http://127.0.0.1:{port}");
+    let log = tmp.path().join("server.log");
+    let mut child = Command::new(bin("hardneg-server"))
+        .args(["--listen", &format!("127.0.0.1:{port}"), "--data-dir"])
+        .arg(tmp.path().join("data"))
+        .arg("--model-dir")
+        .arg(model_dir())
+        .stdout(Stdio::null())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    // From the first answer on: NOT_SERVING (calls get UNAVAILABLE) until ready, then SERVING.
+    let mut seen = Vec::new();
+    let mut refused_while_loading = None;
+    let deadline = Instant::now() + Duration::from_secs(120);
+    while Instant::now() < deadline {
+        let Ok(mut c) = Client::connect(&addr).await else {
+            tokio::time::sleep(Duration::from_millis(2)).await;
+            continue;
+        };
+        loop {
+            let ready = c.ready().await.expect("health answers from the start");
+            if seen.last() != Some(&ready) {
+                seen.push(ready);
+            }
+            if ready {
+                break;
+            }
+            if refused_while_loading.is_none() {
+                // (Loading may end between the two calls: then the next round tries again.)
+                refused_while_loading = c.list_collections().await.err();
+            }
+        }
+        break;
+    }
+    let _ = child.kill();
+    let _ = child.wait();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert_eq!(seen, [false, true], "health went NOT_SERVING then SERVING:\n{log}");
+    let err = refused_while_loading.expect("a call was made while loading");
+    assert_eq!(err.code(), Some(Code::Unavailable), "{err}");
+    assert!(err.to_string().contains("loading"), "{err}");
+}

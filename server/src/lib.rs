@@ -28,74 +28,29 @@ use config::Config;
 use encode::{BatchConfig, Encoder, Placement, Reranker};
 use engine::Engine;
 
-/// Loads the encoder and the collections, serves gRPC until `shutdown` resolves, then saves
-/// every index so the next start loads instead of rebuilding.
+type MinerServer = proto::negative_miner_server::NegativeMinerServer<api::MinerService>;
+
+/// Serves gRPC until `shutdown` resolves: health (NOT_SERVING) and reflection at once, the
+/// NegativeMiner service once the models and collections are loaded (UNAVAILABLE before);
+/// then saves every index so the next start loads instead of rebuilding.
 pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> + Send + 'static) -> anyhow::Result<()> {
     let cfg = Arc::new(cfg);
+    // Everything that can be refused without loading a model is checked first.
+    let token = auth::load_token(&cfg.server.auth_token_file)?;
+    let tls = tls_config(&cfg.server)?;
     let listener = tokio::net::TcpListener::bind(&cfg.server.listen).await.map_err(|e| {
         anyhow::anyhow!("server.listen: cannot bind {}: {e}", cfg.server.listen)
     })?;
     let addr = listener.local_addr()?;
     let (reporter, health) = tonic_health::server::health_reporter();
-    reporter
-        .set_not_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>()
-        .await;
-
-    let batch = BatchConfig {
-        token_budget: cfg.encoder.token_budget,
-        max_batch_texts: cfg.encoder.max_batch_texts,
-        queue_capacity: cfg.encoder.queue_capacity,
-    };
-    let model_dir = cfg.encoder.model_dir.clone();
-    let max_tokens = cfg.encoder.max_tokens;
-    let placement = Placement { device: cfg.encoder.device_spec(), dtype: cfg.encoder.dtype_spec() };
-    let encoder = tokio::task::spawn_blocking(move || Encoder::load_on(&model_dir, max_tokens, batch, placement))
-        .await?
-        .map_err(|e| anyhow::anyhow!("{}: {e}", e.config_field("encoder")))?;
-    let info = encoder.info().clone();
-    tracing::info!(model = %info.name, dims = info.dims, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "encoder loaded");
-    let reranker = if cfg.reranker.model_dir.as_os_str().is_empty() {
-        None
-    } else {
-        let rcfg = cfg.reranker.clone();
-        let batch = BatchConfig {
-            token_budget: rcfg.token_budget,
-            max_batch_texts: rcfg.max_batch_texts,
-            queue_capacity: rcfg.queue_capacity,
-        };
-        let placement = Placement { device: rcfg.device_spec(), dtype: rcfg.dtype_spec() };
-        let reranker = tokio::task::spawn_blocking(move || Reranker::load_on(&rcfg.model_dir, rcfg.max_tokens, batch, placement))
-            .await?
-            .map_err(|e| anyhow::anyhow!("{}: {e}", e.config_field("reranker")))?;
-        let info = reranker.info();
-        tracing::info!(model = %info.name, family = info.family, labels = info.num_labels, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "cross-encoder loaded");
-        Some(reranker)
-    };
-    let engine_cfg = cfg.clone();
-    let engine = Arc::new(tokio::task::spawn_blocking(move || Engine::open(engine_cfg, encoder, reranker)).await??);
-
-    if !cfg.server.metrics_listen.is_empty() {
-        let addr = cfg.server.metrics_listen.parse().expect("validated with the configuration");
-        metrics::install(addr, engine.clone())?;
-    }
-
+    reporter.set_not_serving::<MinerServer>().await;
     let reflection = tonic_reflection::server::Builder::configure()
         .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
         .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
         .build_v1()?;
-    let miner = proto::negative_miner_server::NegativeMinerServer::new(api::MinerService::new(engine.clone()))
-        .max_decoding_message_size(cfg.limits.max_message_bytes)
-        .max_encoding_message_size(cfg.limits.max_message_bytes);
-    let token = auth::load_token(&cfg.server.auth_token_file)?;
-    if token.is_some() {
-        tracing::info!("bearer-token auth on for hardneg.v1.NegativeMiner (health and reflection stay open)");
-    }
-    let miner = tonic::service::interceptor::InterceptedService::new(miner, auth::Auth(token));
-    reporter.set_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>().await;
-    tracing::info!(%addr, "hardneg-server listening");
-
+    let miner = Deferred::<MinerWithAuth>::default();
     let mut builder = tonic::transport::Server::builder();
-    if let Some(tls) = tls_config(&cfg.server)? {
+    if let Some(tls) = tls {
         builder = builder.tls_config(tls).map_err(|e| anyhow::anyhow!("server.tls_cert_file / server.tls_key_file: {e}"))?;
         tracing::info!("TLS on for the gRPC port");
     }
@@ -105,16 +60,52 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
             .layer(tower::util::MapResponseLayer::new(error::rewrite_oversize))
             .add_service(health)
             .add_service(reflection)
-            .add_service(miner)
+            .add_service(miner.clone())
             .serve_with_incoming_shutdown(tokio_stream::wrappers::TcpListenerStream::new(listener), async {
                 let _ = stop_rx.await;
             }),
     );
+    tracing::info!(%addr, "hardneg-server listening; loading models and collections (health: NOT_SERVING)");
+
+    let mut shutdown = std::pin::pin!(shutdown);
+    let engine = tokio::select! {
+        loaded = load(cfg.clone()) => match loaded {
+            Ok(engine) => engine,
+            Err(e) => {
+                let _ = stop_tx.send(());
+                return Err(e);
+            }
+        },
+        result = &mut server => {
+            result??;
+            anyhow::bail!("the gRPC server stopped while loading");
+        }
+        _ = &mut shutdown => {
+            tracing::info!("shutdown while loading: nothing to save");
+            let _ = stop_tx.send(());
+            return Ok(());
+        }
+    };
+
+    if !cfg.server.metrics_listen.is_empty() {
+        let addr = cfg.server.metrics_listen.parse().expect("validated with the configuration");
+        metrics::install(addr, engine.clone())?;
+    }
+    if token.is_some() {
+        tracing::info!("bearer-token auth on for hardneg.v1.NegativeMiner (health and reflection stay open)");
+    }
+    let service = MinerServer::new(api::MinerService::new(engine.clone()))
+        .max_decoding_message_size(cfg.limits.max_message_bytes)
+        .max_encoding_message_size(cfg.limits.max_message_bytes);
+    miner.install(tonic::service::interceptor::InterceptedService::new(service, auth::Auth(token)));
+    reporter.set_serving::<MinerServer>().await;
+    tracing::info!(%addr, "ready (health: SERVING)");
+
     tokio::select! {
         result = &mut server => result??,
-        _ = shutdown => {
+        _ = &mut shutdown => {
             let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs_f64(cfg.server.shutdown_timeout_seconds);
-            reporter.set_not_serving::<proto::negative_miner_server::NegativeMinerServer<api::MinerService>>().await;
+            reporter.set_not_serving::<MinerServer>().await;
             let _ = stop_tx.send(());
             engine.begin_shutdown();
             let grace = std::time::Duration::from_secs_f64(cfg.server.shutdown_grace_seconds);
@@ -145,6 +136,94 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
     engine.save_indexes().await?;
     tracing::info!("shutdown complete");
     Ok(())
+}
+
+/// The encoder, the cross-encoder when configured, and the collections.
+async fn load(cfg: Arc<Config>) -> anyhow::Result<Arc<Engine>> {
+    let batch = BatchConfig {
+        token_budget: cfg.encoder.token_budget,
+        max_batch_texts: cfg.encoder.max_batch_texts,
+        queue_capacity: cfg.encoder.queue_capacity,
+    };
+    let model_dir = cfg.encoder.model_dir.clone();
+    let max_tokens = cfg.encoder.max_tokens;
+    let placement = Placement { device: cfg.encoder.device_spec(), dtype: cfg.encoder.dtype_spec() };
+    let encoder = tokio::task::spawn_blocking(move || Encoder::load_on(&model_dir, max_tokens, batch, placement))
+        .await?
+        .map_err(|e| anyhow::anyhow!("{}: {e}", e.config_field("encoder")))?;
+    let info = encoder.info().clone();
+    tracing::info!(model = %info.name, dims = info.dims, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "encoder loaded");
+    let reranker = if cfg.reranker.model_dir.as_os_str().is_empty() {
+        None
+    } else {
+        let rcfg = cfg.reranker.clone();
+        let batch = BatchConfig {
+            token_budget: rcfg.token_budget,
+            max_batch_texts: rcfg.max_batch_texts,
+            queue_capacity: rcfg.queue_capacity,
+        };
+        let placement = Placement { device: rcfg.device_spec(), dtype: rcfg.dtype_spec() };
+        let reranker = tokio::task::spawn_blocking(move || Reranker::load_on(&rcfg.model_dir, rcfg.max_tokens, batch, placement))
+            .await?
+            .map_err(|e| anyhow::anyhow!("{}: {e}", e.config_field("reranker")))?;
+        let info = reranker.info();
+        tracing::info!(model = %info.name, family = info.family, labels = info.num_labels, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "cross-encoder loaded");
+        Some(reranker)
+    };
+    Ok(Arc::new(tokio::task::spawn_blocking(move || Engine::open(cfg, encoder, reranker)).await??))
+}
+
+/// A gRPC service that answers UNAVAILABLE until the real one is installed, so the port (and
+/// health) can serve while the models load.
+struct Deferred<S>(Arc<std::sync::OnceLock<S>>);
+
+impl<S> Default for Deferred<S> {
+    fn default() -> Self {
+        Self(Arc::new(std::sync::OnceLock::new()))
+    }
+}
+
+impl<S> Clone for Deferred<S> {
+    fn clone(&self) -> Self {
+        Self(self.0.clone())
+    }
+}
+
+impl<S> Deferred<S> {
+    fn install(&self, service: S) {
+        if self.0.set(service).is_err() {
+            unreachable!("the service is installed once");
+        }
+    }
+}
+
+impl<S: tonic::server::NamedService> tonic::server::NamedService for Deferred<S> {
+    const NAME: &'static str = S::NAME;
+}
+
+type MinerWithAuth = tonic::service::interceptor::InterceptedService<MinerServer, auth::Auth>;
+
+impl tower::Service<tonic::codegen::http::Request<tonic::body::Body>> for Deferred<MinerWithAuth> {
+    type Response = tonic::codegen::http::Response<tonic::body::Body>;
+    type Error = std::convert::Infallible;
+    type Future = std::pin::Pin<Box<dyn std::future::Future<Output = Result<Self::Response, Self::Error>> + Send>>;
+
+    fn poll_ready(&mut self, _: &mut std::task::Context<'_>) -> std::task::Poll<Result<(), Self::Error>> {
+        std::task::Poll::Ready(Ok(()))
+    }
+
+    fn call(&mut self, request: tonic::codegen::http::Request<tonic::body::Body>) -> Self::Future {
+        use tower::ServiceExt;
+        match self.0.get() {
+            Some(service) => {
+                let call = service.clone().oneshot(request);
+                Box::pin(async move { call.await.map(|response| response.map(tonic::body::Body::new)) })
+            }
+            None => Box::pin(async {
+                Ok(tonic::Status::unavailable("the server is loading its models and collections; health reports SERVING once it is ready").into_http())
+            }),
+        }
+    }
 }
 
 /// The TLS identity from `server.tls_cert_file` and `server.tls_key_file`, when both are set.
