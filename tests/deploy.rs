@@ -26,18 +26,25 @@ fn port_of(addr: &str) -> &str {
     addr.rsplit(':').next().unwrap()
 }
 
+/// A service's `environment` as the server's configuration would see it.
+fn env_of(service: &serde_json::Value) -> std::collections::HashMap<String, String> {
+    service["environment"].as_object().unwrap().iter().map(|(k, v)| (k.clone(), v.as_str().unwrap().to_string())).collect()
+}
+
 #[test]
 fn compose_prometheus_and_dockerfile_agree() {
     let deploy = root().join("deploy");
     let compose = yaml(&deploy.join("docker-compose.yml"));
     let services = compose["services"].as_object().unwrap();
-    for name in ["fetch-model", "hardneg", "prometheus", "grafana"] {
+    for name in ["fetch-model", "hardneg", "hardneg-gpu", "prometheus", "grafana"] {
         assert!(services.contains_key(name), "service {name}");
     }
     // Build context and Dockerfile, and every bind-mounted path, exist.
-    let build = &services["hardneg"]["build"];
-    let context = deploy.join(build["context"].as_str().unwrap());
-    assert!(context.join(build["dockerfile"].as_str().unwrap()).is_file());
+    for name in ["hardneg", "hardneg-gpu"] {
+        let build = &services[name]["build"];
+        let context = deploy.join(build["context"].as_str().unwrap());
+        assert!(context.join(build["dockerfile"].as_str().unwrap()).is_file());
+    }
     let named: BTreeSet<&str> = compose["volumes"].as_object().unwrap().keys().map(String::as_str).collect();
     for (name, service) in services {
         for volume in service["volumes"].as_array().into_iter().flatten() {
@@ -52,8 +59,36 @@ fn compose_prometheus_and_dockerfile_agree() {
     assert!(services["fetch-model"]["command"].to_string().contains("/scripts/fetch-models"));
     assert!(root().join("scripts/fetch-models").is_file());
 
+    // One server per profile: CPU by default (deploy/.env), the CUDA image under `gpu`, both
+    // reachable as `hardneg`; Prometheus starts with whichever runs.
+    let dotenv = std::fs::read_to_string(deploy.join(".env")).unwrap();
+    assert!(dotenv.lines().any(|l| l.trim() == "COMPOSE_PROFILES=cpu"), "{dotenv}");
+    assert_eq!(services["hardneg"]["profiles"], serde_json::json!(["cpu"]));
+    let gpu = &services["hardneg-gpu"];
+    assert_eq!(gpu["profiles"], serde_json::json!(["gpu"]));
+    assert_eq!(gpu["networks"]["default"]["aliases"], serde_json::json!(["hardneg"]));
+    assert_eq!(gpu["build"]["args"]["VARIANT"], "cuda");
+    let device = &gpu["deploy"]["resources"]["reservations"]["devices"][0];
+    assert_eq!((device["driver"].as_str(), device["capabilities"][0].as_str()), (Some("nvidia"), Some("gpu")));
+    for name in ["hardneg", "hardneg-gpu"] {
+        let needs = &services["prometheus"]["depends_on"][name];
+        assert_eq!(needs["required"], false, "prometheus must start with either server");
+    }
+    // Both servers' settings are a valid configuration, and the GPU one puts the models on the GPU.
+    for name in ["hardneg", "hardneg-gpu"] {
+        let cfg = hardneg_server::config::Config::load_with_env(None, &Default::default(), Some(env_of(&services[name])))
+            .unwrap_or_else(|e| panic!("{name}: {e}"));
+        let stop: f64 = services[name]["stop_grace_period"].as_str().unwrap().trim_end_matches('s').parse().unwrap();
+        assert!(stop > cfg.server.shutdown_timeout_seconds, "{name}: compose kills before the server's shutdown bound");
+        if name == "hardneg-gpu" {
+            use hardneg_server::config::DeviceSpec;
+            assert_eq!((cfg.encoder.device_spec(), cfg.reranker.device_spec()), (DeviceSpec::Cuda(0), DeviceSpec::Cuda(0)));
+        }
+    }
+
     // Prometheus scrapes hardneg's metrics port at /metrics.
     let metrics_listen = services["hardneg"]["environment"]["HARDNEG__SERVER__METRICS_LISTEN"].as_str().unwrap();
+    assert_eq!(gpu["environment"]["HARDNEG__SERVER__METRICS_LISTEN"].as_str(), Some(metrics_listen));
     let prometheus = yaml(&deploy.join("prometheus.yml"));
     let job = &prometheus["scrape_configs"][0];
     assert_eq!(job["metrics_path"], "/metrics");
@@ -68,12 +103,20 @@ fn compose_prometheus_and_dockerfile_agree() {
     // The image: non-root, health check through the CLI, volumes, the same ports.
     let dockerfile = std::fs::read_to_string(root().join("Dockerfile")).unwrap();
     assert!(dockerfile.lines().any(|l| l.starts_with("USER ") && !l.contains("root")));
-    assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains(r#""hardneg", "--addr", "http://127.0.0.1:50051", "health""#));
+    assert!(dockerfile.contains("HEALTHCHECK") && dockerfile.contains(r#"CMD ["hardneg", "health"]"#));
+    assert!(dockerfile.contains("HARDNEG_ADDR=http://127.0.0.1:50051"), "the health check's address");
     assert!(dockerfile.contains("VOLUME") && dockerfile.contains("/models"));
     assert!(dockerfile.contains(&format!("HARDNEG__SERVER__METRICS_LISTEN={metrics_listen}")));
     assert!(dockerfile.contains("EXPOSE 50051 9464"));
+    // The variants: CPU by default; CUDA on NVIDIA's images, built by scripts/build-cuda.
+    assert!(dockerfile.lines().any(|l| l.trim() == "ARG VARIANT=cpu"));
+    for stage in ["build-cpu", "build-cuda", "runtime-cpu", "runtime-cuda"] {
+        assert!(dockerfile.lines().any(|l| l.starts_with("FROM ") && l.ends_with(&format!(" AS {stage}"))), "stage {stage}");
+    }
+    assert!(dockerfile.contains("FROM build-${VARIANT} AS build") && dockerfile.contains("FROM runtime-${VARIANT}"));
+    assert!(dockerfile.contains("FROM nvidia/cuda:${CUDA_VERSION}-devel") && dockerfile.contains("FROM nvidia/cuda:${CUDA_VERSION}-runtime"));
+    assert!(dockerfile.contains("scripts/build-cuda") && root().join("scripts/build-cuda").is_file());
 }
-
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn every_dashboard_metric_is_exported() {
