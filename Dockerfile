@@ -47,8 +47,8 @@ RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \
  && rm -rf /var/lib/apt/lists/*
 
-# cuBLAS, cuRAND and NVRTC come with the runtime image; libcuda with the host's driver
-# (NVIDIA Container Toolkit). The server loads them when a model is on a CUDA device.
+# cuBLAS comes with the runtime image, libcuda with the host's driver (NVIDIA Container
+# Toolkit); the server opens them when a model is on a CUDA device.
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04 AS runtime-cuda
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates \

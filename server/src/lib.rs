@@ -152,7 +152,7 @@ async fn load(cfg: Arc<Config>) -> anyhow::Result<Arc<Engine>> {
         .await?
         .map_err(|e| anyhow::anyhow!("{}: {e}", e.config_field("encoder")))?;
     let info = encoder.info().clone();
-    tracing::info!(model = %info.name, dims = info.dims, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "encoder loaded");
+    tracing::info!(model = %info.name, dims = info.dims, max_tokens = info.max_tokens, device = %encode::device::describe(placement), fingerprint = %info.fingerprint, "encoder loaded");
     let reranker = if cfg.reranker.model_dir.as_os_str().is_empty() {
         None
     } else {
@@ -167,7 +167,7 @@ async fn load(cfg: Arc<Config>) -> anyhow::Result<Arc<Engine>> {
             .await?
             .map_err(|e| anyhow::anyhow!("{}: {e}", e.config_field("reranker")))?;
         let info = reranker.info();
-        tracing::info!(model = %info.name, family = info.family, labels = info.num_labels, max_tokens = info.max_tokens, fingerprint = %info.fingerprint, "cross-encoder loaded");
+        tracing::info!(model = %info.name, family = info.family, labels = info.num_labels, max_tokens = info.max_tokens, device = %encode::device::describe(placement), fingerprint = %info.fingerprint, "cross-encoder loaded");
         Some(reranker)
     };
     Ok(Arc::new(tokio::task::spawn_blocking(move || Engine::open(cfg, encoder, reranker)).await??))

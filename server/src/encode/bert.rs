@@ -83,9 +83,17 @@ pub fn read_pooling(dir: &Path) -> Result<(Pooling, Vec<u8>), EncodeError> {
 }
 
 impl BertEmbedder {
-    /// Loads config.json, tokenizer.json and model.safetensors from `dir`. `max_tokens` 0
-    /// takes `max_seq_length` from sentence_bert_config.json, else `max_position_embeddings`.
+    /// Loads config.json, tokenizer.json and model.safetensors from `dir`, on the CPU in f32.
+    /// `max_tokens` 0 takes `max_seq_length` from sentence_bert_config.json, else
+    /// `max_position_embeddings`.
     pub fn load(dir: &Path, max_tokens: usize) -> Result<Loaded, EncodeError> {
+        Self::load_on(dir, max_tokens, &Device::Cpu, DType::F32)
+    }
+
+    /// As [`BertEmbedder::load`], with weights and activations on `device` in `dtype`. The
+    /// pooling and normalization run in f32 whatever the dtype; vectors come out in f32. The
+    /// fingerprint is of the files, so every placement of one model shares its collections.
+    pub fn load_on(dir: &Path, max_tokens: usize, device: &Device, dtype: DType) -> Result<Loaded, EncodeError> {
         let config_bytes = read(dir, "config.json")?;
         let config: BertConfig = serde_json::from_slice(&config_bytes)
             .map_err(|e| load_err(dir, format!("config.json: {e}")))?;
@@ -99,11 +107,13 @@ impl BertEmbedder {
         hasher.update(&weights);
         let fingerprint = hex::encode(hasher.finalize());
 
-        let device = Device::Cpu;
-        let vb = VarBuilder::from_buffered_safetensors(weights, DType::F32, &device)
+        let device = device.clone();
+        let vb = VarBuilder::from_buffered_safetensors(weights, dtype, &device)
             .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
         let model = BertBody::load(vb, &config)
             .map_err(|e| load_err(dir, format!("model.safetensors does not match config.json: {e}")))?;
+        // The weights were copied on this thread's stream; the model runs on another thread.
+        device.synchronize().map_err(|e| load_err(dir, format!("copying the weights to the device: {e}")))?;
         let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
             .map_err(|e| load_err(dir, format!("tokenizer.json: {e}")))?;
 
@@ -136,7 +146,8 @@ impl BertEmbedder {
 
     fn forward(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
         let (ids, types, mask) = padded_batch(batch, 0, &self.device)?;
-        let hidden = self.model.forward(&ids, &types, &mask)?; // (n, len, dims)
+        // Pooling and the norm in f32: a half-precision sum over hundreds of tokens loses digits.
+        let hidden = self.model.forward(&ids, &types, &mask)?.to_dtype(DType::F32)?; // (n, len, dims)
         let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, len, 1)
         let pooled = match self.pooling {
             Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
@@ -224,7 +235,7 @@ mod tests {
         let enc = Encoder::load(dir.path(), 8, CFG).unwrap();
         assert_eq!(enc.info().max_tokens, 8);
         let long = "fox ".repeat(500);
-        let toks = enc.tokenize(&[long.clone()]).unwrap();
+        let toks = enc.tokenize(std::slice::from_ref(&long)).unwrap();
         assert_eq!(toks[0].ids.len(), 8, "truncated to max_tokens, specials included");
         assert_eq!(enc.encode(vec![long]).await.unwrap()[0].len(), 32);
 
@@ -267,6 +278,59 @@ mod tests {
             let y = b.get(row).unwrap().narrow(0, 0, n).unwrap();
             let diff = (x - y).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "row {row}: max |difference| {diff}");
+        }
+    }
+
+    /// f16 and bf16 (weights and activations; pooling and norm in f32) against f32 on the CPU,
+    /// on the real model: same vectors to cosine > 0.99 (the bar the GPU check sets for
+    /// half precision), the reference similarities within 0.02, and unit-norm f32 output.
+    #[tokio::test]
+    async fn half_precision_matches_f32_on_cpu() {
+        use super::super::Placement;
+        use crate::config::{DTypeSpec, DeviceSpec};
+        let dir = real_model_dir();
+        let mut corpus = vec![
+            "A man is eating food.".to_string(),
+            "A man is eating pasta.".to_string(),
+            "A man is riding a horse.".to_string(),
+        ];
+        corpus.extend((0..5).map(|i| format!("experimental study {i} of {} heat transfer", "supersonic boundary layer ".repeat(i * 9))));
+        let reference = Encoder::load(&dir, 0, CFG).unwrap().encode(corpus.clone()).await.unwrap();
+        for dtype in [DTypeSpec::F16, DTypeSpec::Bf16] {
+            let enc = Encoder::load_on(&dir, 0, CFG, Placement { device: DeviceSpec::Cpu, dtype }).unwrap();
+            let v = enc.encode(corpus.clone()).await.unwrap();
+            for (i, (a, b)) in v.iter().zip(&reference).enumerate() {
+                let norm: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+                assert!((norm - 1.0).abs() < 1e-5, "{dtype:?} text {i}: norm {norm}");
+                let c = cos(a, b);
+                assert!(c > 0.99, "{dtype:?} text {i}: cosine to f32 {c}");
+            }
+            let pasta = cos(&v[0], &v[1]);
+            let horse = cos(&v[0], &v[2]);
+            assert!((pasta - 0.704).abs() < 0.02 && (horse - 0.247).abs() < 0.02, "{dtype:?}: {pasta} {horse}");
+            assert_eq!(enc.info().fingerprint, Encoder::load(&dir, 0, CFG).unwrap().info().fingerprint);
+        }
+    }
+
+    /// A CUDA placement in a build or on a machine that cannot serve it fails to load with an
+    /// error that, as the server reports it, names the config keys and the device.
+    #[test]
+    fn unusable_placement_names_the_keys() {
+        use super::super::Placement;
+        use crate::config::{DTypeSpec, DeviceSpec};
+        let dir = tempfile::tempdir().unwrap();
+        tiny_model(dir.path(), "mean");
+        let placement = Placement { device: DeviceSpec::Cuda(0), dtype: DTypeSpec::Bf16 };
+        match Encoder::load_on(dir.path(), 0, CFG, placement) {
+            Ok(_) => {
+                #[cfg(not(feature = "cuda"))]
+                panic!("a CPU build loaded onto cuda:0");
+            }
+            Err(e) => {
+                let reported = format!("{}: {e}", e.config_field("encoder"));
+                assert!(reported.starts_with("encoder.device / encoder.dtype: "), "{reported}");
+                assert!(reported.contains("\"cuda:0\""), "{reported}");
+            }
         }
     }
 

@@ -75,7 +75,7 @@ impl BertBody {
                 out_norm: layer_norm(l.pp("output.LayerNorm"), h, cfg.layer_norm_eps)?,
             });
         }
-        if h % cfg.num_attention_heads != 0 {
+        if !h.is_multiple_of(cfg.num_attention_heads) {
             candle_core::bail!("hidden_size {h} is not a multiple of num_attention_heads {}", cfg.num_attention_heads);
         }
         Ok(Self {
@@ -105,8 +105,11 @@ impl BertBody {
             .broadcast_add(&self.embeddings.position.forward(&positions)?)?
             .add(&self.embeddings.token_type.forward(types)?)?;
         let mut x = self.embeddings.norm.forward(&x)?.reshape((b * l, self.hidden))?;
-        // Padding gets a large negative bias before the softmax: (b, 1, 1, l).
-        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * 1e9)?.reshape((b, 1, 1, l))?;
+        // Padding gets a large negative bias before the softmax: (b, 1, 1, l), made in f32 and
+        // held in the activations' dtype (f16 tops out at 65504; the softmax accumulates in f32).
+        let dtype = x.dtype();
+        let big = if dtype == DType::F16 { 6.0e4 } else { 1e9 };
+        let bias = ((mask.to_dtype(DType::F32)? - 1.0)? * big)?.to_dtype(dtype)?.reshape((b, 1, 1, l))?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         for layer in &self.layers {
             let qkv = layer.qkv.forward(&x)?.reshape((b, l, 3, self.heads, self.head_dim))?;

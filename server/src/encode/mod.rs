@@ -1,11 +1,14 @@
 //! Text models. A model sits behind the small synchronous [`EmbedModel`] trait and runs on
 //! its own thread; [`Encoder`] (the bi-encoder) and [`Reranker`] (the cross-encoder) are the
 //! async handles the service uses. Concurrent callers are grouped into model batches by a
-//! padded-token budget (see [`batcher`]).
+//! padded-token budget (see [`batcher`]). Each model runs where its [`Placement`] says: the
+//! CPU or, in a build with the `cuda` feature, a CUDA device, in f32, f16 or bf16 (see
+//! [`device`]).
 pub mod batcher;
 pub mod bert;
 pub mod body;
 pub mod cross;
+pub mod device;
 pub mod testing;
 
 use std::path::Path;
@@ -133,10 +136,8 @@ impl Encoder {
 
     /// As [`Encoder::load`], on the given device and dtype.
     pub fn load_on(dir: &Path, max_tokens: usize, cfg: BatchConfig, placement: Placement) -> Result<Self, EncodeError> {
-        if placement != Placement::CPU_F32 {
-            return Err(EncodeError::Unsupported(format!("{placement:?}")));
-        }
-        let loaded = bert::BertEmbedder::load(dir, max_tokens)?;
+        let (device, dtype) = device::resolve(placement)?;
+        let loaded = bert::BertEmbedder::load_on(dir, max_tokens, &device, dtype)?;
         let info = loaded.info.clone();
         Self::start(Box::new(loaded.model), loaded.tokenizer, info, cfg)
     }
@@ -214,10 +215,8 @@ impl Reranker {
 
     /// As [`Reranker::load`], on the given device and dtype.
     pub fn load_on(dir: &Path, max_tokens: usize, cfg: BatchConfig, placement: Placement) -> Result<Self, EncodeError> {
-        if placement != Placement::CPU_F32 {
-            return Err(EncodeError::Unsupported(format!("{placement:?}")));
-        }
-        let loaded = cross::CrossEncoderModel::load(dir, max_tokens, &candle_core::Device::Cpu)?;
+        let (device, dtype) = device::resolve(placement)?;
+        let loaded = cross::CrossEncoderModel::load_on(dir, max_tokens, &device, dtype)?;
         let mut tokenizer = loaded.tokenizer;
         set_lengths(&mut tokenizer, loaded.info.max_tokens)?;
         let batcher = batcher::spawn(Box::new(loaded.model), cfg, "reranker");
