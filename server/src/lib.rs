@@ -101,10 +101,15 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
     reporter.set_serving::<MinerServer>().await;
     tracing::info!(%addr, "ready (health: SERVING)");
 
-    tokio::select! {
-        result = &mut server => result??,
+    let shutdown_deadline =
+        || tokio::time::Instant::now() + std::time::Duration::from_secs_f64(cfg.server.shutdown_timeout_seconds);
+    let deadline = tokio::select! {
+        result = &mut server => {
+            result??;
+            shutdown_deadline()
+        }
         _ = &mut shutdown => {
-            let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs_f64(cfg.server.shutdown_timeout_seconds);
+            let deadline = shutdown_deadline();
             reporter.set_not_serving::<MinerServer>().await;
             let _ = stop_tx.send(());
             engine.begin_shutdown();
@@ -120,20 +125,17 @@ pub async fn serve(cfg: Config, shutdown: impl std::future::Future<Output = ()> 
                     server.abort();
                 }
             }
-            tracing::info!("stopped accepting; saving indexes");
-            match tokio::time::timeout_at(deadline, engine.save_indexes()).await {
-                Ok(saved) => saved?,
-                Err(_) => tracing::warn!(
-                    seconds = cfg.server.shutdown_timeout_seconds,
-                    "indexes not all saved within server.shutdown_timeout_seconds; the next start rebuilds them from the store"
-                ),
-            }
-            tracing::info!("shutdown complete");
-            return Ok(());
+            deadline
         }
-    }
+    };
     tracing::info!("stopped accepting; saving indexes");
-    engine.save_indexes().await?;
+    match tokio::time::timeout_at(deadline, engine.save_indexes()).await {
+        Ok(saved) => saved?,
+        Err(_) => tracing::warn!(
+            seconds = cfg.server.shutdown_timeout_seconds,
+            "indexes not all saved within server.shutdown_timeout_seconds; the next start rebuilds them from the store"
+        ),
+    }
     tracing::info!("shutdown complete");
     Ok(())
 }
