@@ -14,7 +14,7 @@ use std::sync::Arc;
 use std::time::Instant;
 
 use hardneg_server::config::{Config, Overrides};
-use hardneg_server::encode::bert::BertEmbedder;
+use hardneg_server::encode::embedder::SentenceEmbedder;
 use hardneg_server::encode::cross::CrossEncoderModel;
 use hardneg_server::encode::testing::seeded_cross_encoder;
 use hardneg_server::encode::{BatchConfig, EmbedModel, Encoder, Reranker};
@@ -91,7 +91,7 @@ fn bench_encoder(rt: &tokio::runtime::Runtime) {
         let tokens: usize = tokenized.iter().map(|t| t.ids.len()).sum();
 
         // Baseline: the model called directly on 32 texts at a time, in file order.
-        let mut plain = BertEmbedder::load(&model_dir(), max_len).unwrap().model;
+        let mut plain = SentenceEmbedder::load(&model_dir(), max_len).unwrap().model;
         let started = Instant::now();
         for chunk in tokenized.chunks(32) {
             let refs: Vec<_> = chunk.iter().collect();

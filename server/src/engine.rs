@@ -13,7 +13,7 @@ use rand_chacha::ChaCha8Rng;
 use serde::{Deserialize, Serialize};
 
 use crate::config::Config;
-use crate::encode::{Encoder, Reranker};
+use crate::encode::{Encoder, Reranker, TextKind};
 use crate::error::{Error, Result};
 use crate::index::{Metric, Quantization, VectorIndex};
 use crate::mine::{self, Candidate, DepthPlan, Filters, QueryContext, RerankFilters, RerankState, Sampling, TextHashes};
@@ -645,18 +645,21 @@ impl Engine {
         }
 
         // Encode query texts (queries without a vector) and positive texts, in one job.
+        // Queries as encode_query does, positive texts as encode_document does.
         let mut texts = Vec::new();
         for q in &req.queries {
             if q.vector.is_empty() {
-                texts.push(q.text.clone());
+                texts.push((TextKind::Query, q.text.clone()));
             }
-            texts.extend(q.positive_texts.iter().cloned());
+            texts.extend(q.positive_texts.iter().map(|t| (TextKind::Document, t.clone())));
         }
         let t_encode = Instant::now();
         let mut encoded = if texts.is_empty() {
             Vec::new().into_iter()
         } else {
-            current.text_encoder()?.encode(texts).await?.into_iter()
+            let encoder = current.text_encoder()?;
+            let prompts = encoder.info().prompts.clone();
+            encoder.encode_as(texts, &prompts).await?.into_iter()
         };
         let encode_seconds = t_encode.elapsed().as_secs_f64();
 

@@ -14,7 +14,7 @@ use std::time::Instant;
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
 use hardneg_server::config::{DTypeSpec, DeviceSpec, parse_device, parse_dtype};
-use hardneg_server::encode::bert::BertEmbedder;
+use hardneg_server::encode::embedder::SentenceEmbedder;
 use hardneg_server::encode::cross::{CrossEncoderModel, probability};
 use hardneg_server::encode::{BatchConfig, EmbedModel, Encoder, Placement, Reranker, TokenizedText, device, testing};
 use serde_json::{Value, json};
@@ -202,7 +202,7 @@ fn fixed_length(encoder: &Encoder, texts: &[String], len: usize, count: usize) -
             let mut ids = vec![cls];
             ids.extend_from_slice(&stream[start..start + body]);
             ids.push(sep);
-            TokenizedText { type_ids: vec![0; ids.len()], ids }
+            TokenizedText { type_ids: vec![0; ids.len()], ids, prompt_len: 0 }
         })
         .collect())
 }
@@ -218,7 +218,7 @@ fn fixed_pairs(rows: &[TokenizedText], len: usize) -> Vec<TokenizedText> {
             ids[query + 1] = sep;
             *ids.last_mut().expect("non-empty") = sep;
             let type_ids = (0..ids.len()).map(|i| u32::from(i > query + 1)).collect();
-            TokenizedText { ids, type_ids }
+            TokenizedText { ids, type_ids, prompt_len: 0 }
         })
         .collect()
 }
@@ -315,7 +315,7 @@ fn encoders(args: EncodersArgs) -> anyhow::Result<()> {
             .fold(0f64, f64::max);
         let correlation = pearson(&got, &want);
 
-        let mut bi = BertEmbedder::load_on(&args.model, 0, &device::open(args.device)?, device::dtype(dtype))?.model;
+        let mut bi = SentenceEmbedder::load_on(&args.model, 0, &device::open(args.device)?, device::dtype(dtype))?.model;
         let mut throughput = Vec::new();
         for (len, rows) in &rows_by_len {
             for &b in &args.batches {

@@ -220,7 +220,7 @@ mod tests {
             let h = handle.clone();
             tasks.push(tokio::spawn(async move {
                 let texts: Vec<TokenizedText> = (0..5u32)
-                    .map(|t| TokenizedText { ids: vec![j * 100 + t; (t as usize % 3) + 1], type_ids: vec![0; (t as usize % 3) + 1] })
+                    .map(|t| TokenizedText { ids: vec![j * 100 + t; (t as usize % 3) + 1], type_ids: vec![0; (t as usize % 3) + 1], prompt_len: 0 })
                     .collect();
                 let out = h.submit(texts.clone()).await.unwrap();
                 for (t, v) in texts.iter().zip(out) {

@@ -30,6 +30,8 @@ pub struct BertBody {
     head_dim: usize,
     hidden: usize,
     act: HiddenAct,
+    /// First position id: 0 for BERT, padding index + 1 for (XLM-)RoBERTa.
+    position_offset: u32,
     device: Device,
 }
 
@@ -48,7 +50,22 @@ fn linear(vb: VarBuilder, input: usize, output: usize) -> Result<Linear> {
 
 impl BertBody {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
-        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") { vb.pp("bert") } else { vb };
+        Self::load_with_offset(vb, cfg, 0)
+    }
+
+    /// As [`BertBody::load`], with position ids starting at `position_offset` (XLM-RoBERTa's
+    /// start after its padding index). Weights may sit under `bert.` or `roberta.`.
+    pub fn load_with_offset(vb: VarBuilder, cfg: &Config, position_offset: u32) -> Result<Self> {
+        let vb = if vb.contains_tensor("bert.embeddings.word_embeddings.weight") {
+            vb.pp("bert")
+        } else if vb.contains_tensor("roberta.embeddings.word_embeddings.weight") {
+            vb.pp("roberta")
+        } else {
+            vb
+        };
+        if position_offset as usize + 2 > cfg.max_position_embeddings {
+            candle_core::bail!("max_position_embeddings {} leaves no positions after the offset {position_offset}", cfg.max_position_embeddings);
+        }
         let h = cfg.hidden_size;
         let e = vb.pp("embeddings");
         let embeddings = Embeddings {
@@ -85,6 +102,7 @@ impl BertBody {
             head_dim: h / cfg.num_attention_heads,
             hidden: h,
             act: cfg.hidden_act,
+            position_offset,
             device: vb.device().clone(),
         })
     }
@@ -97,7 +115,8 @@ impl BertBody {
     /// (1 for tokens, 0 for padding), each (batch, len) u32.
     pub fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let positions = Tensor::arange(0u32, l as u32, &self.device)?;
+        let start = self.position_offset;
+        let positions = Tensor::arange(start, start + l as u32, &self.device)?;
         let x = self
             .embeddings
             .word

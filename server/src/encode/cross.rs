@@ -114,7 +114,9 @@ impl CrossEncoderModel {
         let vb = VarBuilder::from_buffered_safetensors(weights, dtype, device)
             .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
         let mismatch = |e: candle_core::Error| load_err(dir, format!("model.safetensors does not match config.json: {e}"));
-        let model_type = head.model_type.as_deref().unwrap_or("bert");
+        let Some(model_type) = head.model_type.as_deref() else {
+            return Err(load_err(dir, "config.json model_type: missing"));
+        };
         let (arch, family, positions) = match model_type {
             "xlm-roberta" | "roberta" => {
                 // candle-transformers builds this family's attention mask in f32 and adds it to
@@ -143,7 +145,7 @@ impl CrossEncoderModel {
                 (Arch::Bert { body, pooler, classifier }, "bert", cfg.max_position_embeddings)
             }
             other => {
-                return Err(load_err(dir, format!("config.json: model_type {other:?} is not supported (bert, roberta, xlm-roberta)")));
+                return Err(load_err(dir, format!("config.json model_type: {other:?} is not supported (bert, roberta, xlm-roberta)")));
             }
         };
         // The weights were copied on this thread's stream; the model runs on another thread.

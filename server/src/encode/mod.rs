@@ -4,11 +4,15 @@
 //! padded-token budget (see [`batcher`]). Each model runs where its [`Placement`] says: the
 //! CPU or, in a build with the `cuda` feature, a CUDA device, in f32, f16 or bf16 (see
 //! [`device`]).
+pub mod arch;
 pub mod batcher;
-pub mod bert;
 pub mod body;
 pub mod cross;
 pub mod device;
+pub mod embedder;
+pub mod pooling;
+pub mod qwen3;
+pub mod st_format;
 pub mod testing;
 
 use std::path::Path;
@@ -49,6 +53,8 @@ impl EncodeError {
 pub struct TokenizedText {
     pub ids: Vec<u32>,
     pub type_ids: Vec<u32>,
+    /// Leading prompt tokens that pooling leaves out (0 unless the model excludes its prompt).
+    pub prompt_len: usize,
 }
 
 /// A batch as model inputs, each (texts, longest) u32: token ids (padding with `pad_id`),
@@ -81,7 +87,7 @@ where
     let encodings = tokenizer.encode_batch(inputs, true).map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
     Ok(encodings
         .into_iter()
-        .map(|e| TokenizedText { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec() })
+        .map(|e| TokenizedText { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec(), prompt_len: 0 })
         .collect())
 }
 
@@ -93,15 +99,100 @@ pub trait EmbedModel: Send + 'static {
     fn dims(&self) -> usize;
 }
 
+/// Which side of retrieval a text is on: queries get the model's query prompt, documents
+/// and positive texts its document prompt (sentence-transformers' `encode_query` and
+/// `encode_document`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextKind {
+    Query,
+    Document,
+}
+
+/// The prompts in force: prepended to each text of that kind before tokenization.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Prompts {
+    pub query: Option<String>,
+    pub document: Option<String>,
+}
+
+impl Prompts {
+    pub fn get(&self, kind: TextKind) -> Option<&str> {
+        match kind {
+            TextKind::Query => self.query.as_deref(),
+            TextKind::Document => self.document.as_deref(),
+        }
+        .filter(|p| !p.is_empty())
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.get(TextKind::Query).is_none() && self.get(TextKind::Document).is_none()
+    }
+}
+
 /// What identifies an encoder: collections record it and refuse a mismatched one.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub struct EncoderInfo {
     /// Model directory name, for humans.
     pub name: String,
-    /// sha256 over config.json, the pooling config and the weights.
+    /// Identifies the vectors this encoder makes with its own prompts: see
+    /// [`EncoderInfo::fingerprint_for`].
     pub fingerprint: String,
+    /// sha256 over config.json, the pooling config and the weights, then anything else in
+    /// the model that changes its vectors (Dense modules, no Normalize, lower-casing).
+    pub model_fingerprint: String,
     pub dims: usize,
     pub max_tokens: usize,
+    /// The model's own prompts (`config_sentence_transformers.json`).
+    pub prompts: Prompts,
+    /// For logs and status: architecture, pooling, Dense, Normalize.
+    pub description: String,
+}
+
+impl EncoderInfo {
+    pub fn new(name: String, model_fingerprint: String, dims: usize, max_tokens: usize, prompts: Prompts) -> Self {
+        let fingerprint = fingerprint_for(&model_fingerprint, &prompts);
+        Self { name, fingerprint, model_fingerprint, dims, max_tokens, prompts, description: String::new() }
+    }
+
+    pub fn describe(mut self, arch: &str, pooling: &str, dense: bool, normalize: bool) -> Self {
+        self.description = format!(
+            "{arch}, {pooling} pooling{}{}",
+            if dense { ", dense" } else { "" },
+            if normalize { ", normalized" } else { ", not normalized" }
+        );
+        self
+    }
+
+    /// The fingerprint of this model's vectors under `prompts`: the model's own when there
+    /// are none, so models without prompts keep the fingerprint they always had.
+    pub fn fingerprint_for(&self, prompts: &Prompts) -> String {
+        fingerprint_for(&self.model_fingerprint, prompts)
+    }
+}
+
+fn fingerprint_for(model: &str, prompts: &Prompts) -> String {
+    use sha2::{Digest, Sha256};
+    if prompts.is_empty() {
+        return model.to_string();
+    }
+    let mut h = Sha256::new();
+    h.update(model.as_bytes());
+    for (tag, p) in [("query", prompts.get(TextKind::Query)), ("document", prompts.get(TextKind::Document))] {
+        h.update(format!("\0{tag}\0{}", p.unwrap_or("")).as_bytes());
+    }
+    hex::encode(h.finalize())
+}
+
+/// Lower-cases before the tokenizer's own normalizer, as sentence-transformers does for a
+/// Transformer with `do_lower_case`.
+pub(crate) fn lowercase_first(tokenizer: &mut Tokenizer) -> Result<(), EncodeError> {
+    use tokenizers::normalizers::{Lowercase, NormalizerWrapper, Sequence};
+    let mut chain: Vec<NormalizerWrapper> = vec![Lowercase.into()];
+    if let Some(existing) = tokenizer.get_normalizer() {
+        chain.push(existing.clone());
+    }
+    tokenizer.with_normalizer(Some(Sequence::new(chain))).map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
+    Ok(())
 }
 
 /// Async handle to an encoder running on its own thread. Cheap to clone.
@@ -111,7 +202,12 @@ pub struct Encoder {
 }
 
 struct Inner {
-    tokenizer: Tokenizer,
+    /// Truncates queries and documents at their own lengths (equal unless the model sets
+    /// `query_length` / `document_length`).
+    query_tokenizer: Tokenizer,
+    document_tokenizer: Tokenizer,
+    /// Prompt tokens are left out of pooling: each text carries its prompt's length.
+    exclude_prompt: bool,
     info: EncoderInfo,
     batcher: batcher::Handle,
 }
@@ -129,7 +225,7 @@ impl Placement {
 }
 
 impl Encoder {
-    /// Loads a BERT-family sentence encoder from an HF-style model directory, on the CPU in f32.
+    /// Loads a sentence-transformers model directory (see [`embedder`]), on the CPU in f32.
     pub fn load(dir: &Path, max_tokens: usize, cfg: BatchConfig) -> Result<Self, EncodeError> {
         Self::load_on(dir, max_tokens, cfg, Placement::CPU_F32)
     }
@@ -137,12 +233,24 @@ impl Encoder {
     /// As [`Encoder::load`], on the given device and dtype.
     pub fn load_on(dir: &Path, max_tokens: usize, cfg: BatchConfig, placement: Placement) -> Result<Self, EncodeError> {
         let (device, dtype) = device::resolve(placement)?;
-        let loaded = bert::BertEmbedder::load_on(dir, max_tokens, &device, dtype)?;
-        let info = loaded.info.clone();
-        Self::start(Box::new(loaded.model), loaded.tokenizer, info, cfg)
+        let loaded = embedder::SentenceEmbedder::load_on(dir, max_tokens, &device, dtype)?;
+        let mut query_tokenizer = loaded.tokenizer.clone();
+        set_lengths(&mut query_tokenizer, loaded.query_max_tokens)?;
+        let mut document_tokenizer = loaded.tokenizer;
+        set_lengths(&mut document_tokenizer, loaded.document_max_tokens)?;
+        let batcher = batcher::spawn(Box::new(loaded.model), cfg, "encoder");
+        Ok(Self {
+            inner: Arc::new(Inner {
+                query_tokenizer,
+                document_tokenizer,
+                exclude_prompt: loaded.exclude_prompt,
+                info: loaded.info,
+                batcher,
+            }),
+        })
     }
 
-    /// Starts the model thread for any [`EmbedModel`].
+    /// Starts the model thread for any [`EmbedModel`], with no prompts.
     pub fn start(
         model: Box<dyn EmbedModel>,
         mut tokenizer: Tokenizer,
@@ -151,27 +259,84 @@ impl Encoder {
     ) -> Result<Self, EncodeError> {
         set_lengths(&mut tokenizer, info.max_tokens)?;
         let batcher = batcher::spawn(model, cfg, "encoder");
-        Ok(Self { inner: Arc::new(Inner { tokenizer, info, batcher }) })
+        Ok(Self {
+            inner: Arc::new(Inner {
+                query_tokenizer: tokenizer.clone(),
+                document_tokenizer: tokenizer,
+                exclude_prompt: false,
+                info,
+                batcher,
+            }),
+        })
     }
 
     pub fn info(&self) -> &EncoderInfo {
         &self.inner.info
     }
 
-    /// Tokenizes on the calling thread (use from a blocking context for large inputs).
+    /// Tokenizes documents with the model's own prompt, on the calling thread.
     pub fn tokenize(&self, texts: &[String]) -> Result<Vec<TokenizedText>, EncodeError> {
-        tokenize_all(&self.inner.tokenizer, texts.iter().map(String::as_str).collect())
+        let items: Vec<(TextKind, String)> = texts.iter().map(|t| (TextKind::Document, t.clone())).collect();
+        self.tokenize_as(&items, &self.inner.info.prompts)
     }
 
-    /// Encodes texts into L2-normalized vectors, in order. Tokenization runs off the async
-    /// runtime; the forward pass runs on the model thread, batched with other callers.
+    /// Tokenizes each text as its kind, its prompt from `prompts` prepended (use from a
+    /// blocking context for large inputs).
+    pub fn tokenize_as(&self, items: &[(TextKind, String)], prompts: &Prompts) -> Result<Vec<TokenizedText>, EncodeError> {
+        let mut out: Vec<Option<TokenizedText>> = vec![None; items.len()];
+        for kind in [TextKind::Query, TextKind::Document] {
+            let tokenizer = match kind {
+                TextKind::Query => &self.inner.query_tokenizer,
+                TextKind::Document => &self.inner.document_tokenizer,
+            };
+            let prompt = prompts.get(kind);
+            let picked: Vec<usize> = (0..items.len()).filter(|&i| items[i].0 == kind).collect();
+            if picked.is_empty() {
+                continue;
+            }
+            let texts: Vec<String> = picked
+                .iter()
+                .map(|&i| match prompt {
+                    Some(p) => format!("{p}{}", items[i].1),
+                    None => items[i].1.clone(),
+                })
+                .collect();
+            let prompt_len = match prompt {
+                Some(p) if self.inner.exclude_prompt => prompt_length(tokenizer, p)?,
+                _ => 0,
+            };
+            let tokenized = tokenize_all(tokenizer, texts.iter().map(String::as_str).collect())?;
+            for (i, mut t) in picked.into_iter().zip(tokenized) {
+                t.prompt_len = prompt_len;
+                out[i] = Some(t);
+            }
+        }
+        Ok(out.into_iter().map(|t| t.expect("every text has a kind")).collect())
+    }
+
+    /// Encodes documents (the model's document prompt) into vectors, in order.
     pub async fn encode(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EncodeError> {
-        if texts.is_empty() {
+        let prompts = self.inner.info.prompts.clone();
+        self.encode_as(texts.into_iter().map(|t| (TextKind::Document, t)).collect(), &prompts).await
+    }
+
+    /// Encodes queries (the model's query prompt) into vectors, in order.
+    pub async fn encode_queries(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EncodeError> {
+        let prompts = self.inner.info.prompts.clone();
+        self.encode_as(texts.into_iter().map(|t| (TextKind::Query, t)).collect(), &prompts).await
+    }
+
+    /// Encodes queries and documents in one job, each with its prompt from `prompts`, in
+    /// order. Tokenization runs off the async runtime; the forward pass runs on the model
+    /// thread, batched with other callers.
+    pub async fn encode_as(&self, items: Vec<(TextKind, String)>, prompts: &Prompts) -> Result<Vec<Vec<f32>>, EncodeError> {
+        if items.is_empty() {
             return Ok(Vec::new());
         }
         let this = self.clone();
+        let prompts = prompts.clone();
         let started = std::time::Instant::now();
-        let tokenized = tokio::task::spawn_blocking(move || this.tokenize(&texts))
+        let tokenized = tokio::task::spawn_blocking(move || this.tokenize_as(&items, &prompts))
             .await
             .map_err(|_| EncodeError::Stopped)??;
         crate::metrics::stage("tokenize", started.elapsed().as_secs_f64());
@@ -182,6 +347,16 @@ impl Encoder {
     pub fn abandoned_jobs(&self) -> u64 {
         self.inner.batcher.abandoned()
     }
+}
+
+/// A prompt's length in tokens as sentence-transformers measures it: the prompt tokenized
+/// alone with special tokens, less a trailing special token.
+fn prompt_length(tokenizer: &Tokenizer, prompt: &str) -> Result<usize, EncodeError> {
+    let enc = tokenizer.encode(prompt, true).map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
+    let ids = enc.get_ids();
+    let special = |id: u32| tokenizer.get_added_tokens_decoder().get(&id).is_some_and(|t| t.special);
+    let trailing = ids.last().is_some_and(|&id| special(id) || enc.get_special_tokens_mask().last() == Some(&1));
+    Ok(ids.len() - usize::from(trailing))
 }
 
 /// The shipped tokenizer.json may pad and truncate to a fixed length: padding is done per

@@ -17,7 +17,8 @@ pub const TINY_WORDS: &[&str] = &[
 ];
 
 /// Writes config.json, model.safetensors (random weights), tokenizer.json (WordPiece, with a
-/// fixed padding the encoder must override) and 1_Pooling/config.json with `pooling`
+/// fixed padding the encoder must override), modules.json (Transformer, Pooling, Normalize)
+/// and 1_Pooling/config.json with `pooling`
 /// ("mean", "cls" or "max") into `dir`.
 pub fn tiny_model(dir: &Path, pooling: &str) {
     let config = serde_json::json!({
@@ -53,6 +54,12 @@ pub fn tiny_model(dir: &Path, pooling: &str) {
         "pooling_mode_mean_sqrt_len_tokens": false
     });
     std::fs::write(dir.join("1_Pooling/config.json"), pooling_cfg.to_string()).unwrap();
+    let modules = serde_json::json!([
+        {"idx": 0, "name": "0", "path": "", "type": "sentence_transformers.models.Transformer"},
+        {"idx": 1, "name": "1", "path": "1_Pooling", "type": "sentence_transformers.models.Pooling"},
+        {"idx": 2, "name": "2", "path": "2_Normalize", "type": "sentence_transformers.models.Normalize"}
+    ]);
+    std::fs::write(dir.join("modules.json"), modules.to_string()).unwrap();
 }
 
 /// A WordPiece tokenizer over `specials` then [`TINY_WORDS`]: BERT's [CLS] a [SEP] b [SEP]
@@ -137,7 +144,15 @@ pub fn seeded_cross_encoder(body_dir: &Path, dst: &Path, num_labels: usize, seed
 /// fingerprint and slightly different vectors.
 pub fn perturbed_checkpoint(src: &Path, dst: &Path, seed: u64, noise: f32) {
     std::fs::create_dir_all(dst).unwrap();
-    for file in ["config.json", "tokenizer.json", "sentence_bert_config.json", "1_Pooling/config.json"] {
+    for file in [
+        "config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        "modules.json",
+        "sentence_bert_config.json",
+        "config_sentence_transformers.json",
+        "1_Pooling/config.json",
+    ] {
         if src.join(file).exists() {
             std::fs::create_dir_all(dst.join(file).parent().unwrap()).unwrap();
             std::fs::copy(src.join(file), dst.join(file)).unwrap();

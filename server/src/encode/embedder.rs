@@ -1,53 +1,61 @@
-//! BERT-family sentence encoder on candle: `BertModel`, then the pooling that
-//! `1_Pooling/config.json` names (mean by default), then L2 normalization.
+//! A sentence-transformers bi-encoder on candle: the body `config.json` names (see [`arch`]),
+//! then the pooling, Dense and Normalize modules `modules.json` lists (see [`st_format`]).
+//! Vectors are normalized only when the model has a Normalize module, as the library does.
 use std::path::Path;
 
-use candle_core::{D, DType, Device};
-use candle_nn::VarBuilder;
-use candle_transformers::models::bert::Config as BertConfig;
-use serde::Deserialize;
+use candle_core::{D, DType, Device, Module, Tensor};
+use candle_nn::{Linear, VarBuilder};
 use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
-use super::body::BertBody;
-use super::{EmbedModel, EncodeError, EncoderInfo, TokenizedText, padded_batch};
-
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum Pooling {
-    Mean,
-    Cls,
-    Max,
-    MeanSqrtLen,
-}
-
-#[derive(Debug, Default, Deserialize)]
-struct PoolingFile {
-    #[serde(default)]
-    pooling_mode_cls_token: bool,
-    #[serde(default)]
-    pooling_mode_mean_tokens: bool,
-    #[serde(default)]
-    pooling_mode_max_tokens: bool,
-    #[serde(default)]
-    pooling_mode_mean_sqrt_len_tokens: bool,
-}
-
-#[derive(Debug, Deserialize)]
-struct SentenceBertFile {
-    max_seq_length: Option<usize>,
-}
+use super::arch::{Body, LoadFailure};
+use super::pooling::PoolingSpec;
+use super::st_format::{Activation, DenseSpec, StModel};
+use super::{EmbedModel, EncodeError, EncoderInfo, Prompts, TokenizedText, padded_batch};
 
 /// The loaded parts of a model directory.
 pub struct Loaded {
-    pub model: BertEmbedder,
+    pub model: SentenceEmbedder,
     pub tokenizer: Tokenizer,
     pub info: EncoderInfo,
+    /// Per-task maximum lengths (sentence-transformers' `query_length` / `document_length`).
+    pub query_max_tokens: usize,
+    pub document_max_tokens: usize,
+    /// Prompt tokens are left out of pooling: the encoder must measure each prompt.
+    pub exclude_prompt: bool,
 }
 
-pub struct BertEmbedder {
-    model: BertBody,
-    pooling: Pooling,
+struct Dense {
+    linear: Linear,
+    residual: Option<Linear>,
+    activation: Activation,
+}
+
+impl Dense {
+    fn forward(&self, x: &Tensor) -> candle_core::Result<Tensor> {
+        let y = self.linear.forward(x)?;
+        let y = match self.activation {
+            Activation::Identity => y,
+            Activation::Tanh => y.tanh()?,
+            Activation::Relu => y.relu()?,
+            Activation::Gelu => y.gelu_erf()?,
+            Activation::Sigmoid => candle_nn::ops::sigmoid(&y)?,
+            Activation::Silu => candle_nn::ops::silu(&y)?,
+        };
+        match &self.residual {
+            Some(r) => y + r.forward(x)?,
+            None => Ok(y),
+        }
+    }
+}
+
+pub struct SentenceEmbedder {
+    body: Body,
+    pooling: PoolingSpec,
+    dense: Vec<Dense>,
+    normalize: bool,
     dims: usize,
+    pad_id: u32,
     device: Device,
 }
 
@@ -55,120 +63,154 @@ fn load_err(dir: &Path, reason: impl std::fmt::Display) -> EncodeError {
     EncodeError::Load { dir: dir.display().to_string(), reason: reason.to_string() }
 }
 
-fn read(dir: &Path, name: &str) -> Result<Vec<u8>, EncodeError> {
-    std::fs::read(dir.join(name)).map_err(|e| load_err(dir, format!("{name}: {e}")))
-}
-
-/// Pooling mode from `1_Pooling/config.json`; mean when the file is absent.
-pub fn read_pooling(dir: &Path) -> Result<(Pooling, Vec<u8>), EncodeError> {
-    let path = dir.join("1_Pooling/config.json");
-    if !path.exists() {
-        return Ok((Pooling::Mean, Vec::new()));
-    }
-    let bytes = read(dir, "1_Pooling/config.json")?;
-    let file: PoolingFile = serde_json::from_slice(&bytes)
-        .map_err(|e| load_err(dir, format!("1_Pooling/config.json: {e}")))?;
-    let pooling = if file.pooling_mode_cls_token {
-        Pooling::Cls
-    } else if file.pooling_mode_max_tokens {
-        Pooling::Max
-    } else if file.pooling_mode_mean_sqrt_len_tokens {
-        Pooling::MeanSqrtLen
-    } else if file.pooling_mode_mean_tokens {
-        Pooling::Mean
-    } else {
-        return Err(load_err(dir, "1_Pooling/config.json enables no pooling mode"));
+fn read_weights(root: &Path, dir: &Path) -> Result<Vec<u8>, EncodeError> {
+    let rel = |name: &str| {
+        let p = dir.join(name);
+        p.strip_prefix(root).map(|r| r.display().to_string()).unwrap_or_else(|_| p.display().to_string())
     };
-    Ok((pooling, bytes))
+    match std::fs::read(dir.join("model.safetensors")) {
+        Ok(bytes) => Ok(bytes),
+        Err(e) => {
+            let reason = if dir.join("model.safetensors.index.json").exists() {
+                "sharded checkpoints are not supported; save the model as one model.safetensors".to_string()
+            } else if dir.join("pytorch_model.bin").exists() {
+                "pytorch_model.bin is not supported; save the model with safetensors".to_string()
+            } else {
+                e.to_string()
+            };
+            Err(load_err(root, format!("{}: {reason}", rel("model.safetensors"))))
+        }
+    }
 }
 
-impl BertEmbedder {
-    /// Loads config.json, tokenizer.json and model.safetensors from `dir`, on the CPU in f32.
-    /// `max_tokens` 0 takes `max_seq_length` from sentence_bert_config.json, else
-    /// `max_position_embeddings`.
+fn load_dense(root: &Path, spec: &DenseSpec, device: &Device, fingerprint: &mut Sha256) -> Result<Dense, EncodeError> {
+    let bytes = read_weights(root, &spec.dir)?;
+    fingerprint.update(format!("dense {} {} {} {:?} {}", spec.in_features, spec.out_features, spec.bias, spec.activation, spec.use_residual));
+    fingerprint.update(&bytes);
+    let name = spec.dir.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();
+    let mismatch = |e: candle_core::Error| load_err(root, format!("{name}/model.safetensors does not match {name}/config.json: {e}"));
+    let vb = VarBuilder::from_buffered_safetensors(bytes, DType::F32, device).map_err(mismatch)?;
+    let l = vb.pp("linear");
+    let weight = l.get((spec.out_features, spec.in_features), "weight").map_err(mismatch)?;
+    let bias = if spec.bias { Some(l.get(spec.out_features, "bias").map_err(mismatch)?) } else { None };
+    let residual = if spec.use_residual && spec.in_features != spec.out_features {
+        Some(Linear::new(vb.pp("residual").get((spec.out_features, spec.in_features), "weight").map_err(mismatch)?, None))
+    } else {
+        None
+    };
+    if spec.use_residual && spec.in_features == spec.out_features {
+        // Identity residual: a Linear would be wrong, so add x by hand.
+        let eye = Tensor::eye(spec.in_features, DType::F32, device).map_err(mismatch)?;
+        return Ok(Dense { linear: Linear::new(weight, bias), residual: Some(Linear::new(eye, None)), activation: spec.activation });
+    }
+    Ok(Dense { linear: Linear::new(weight, bias), residual, activation: spec.activation })
+}
+
+impl SentenceEmbedder {
+    /// Loads `dir` on the CPU in f32. `max_tokens` 0 takes the length the model keeps.
     pub fn load(dir: &Path, max_tokens: usize) -> Result<Loaded, EncodeError> {
         Self::load_on(dir, max_tokens, &Device::Cpu, DType::F32)
     }
 
-    /// As [`BertEmbedder::load`], with weights and activations on `device` in `dtype`. The
-    /// pooling and normalization run in f32 whatever the dtype; vectors come out in f32. The
-    /// fingerprint is of the files, so every placement of one model shares its collections.
+    /// As [`SentenceEmbedder::load`], with the body on `device` in `dtype`. Pooling, Dense
+    /// and the norm run in f32 whatever the dtype; vectors come out in f32. The fingerprint is
+    /// of the files, so every placement of one model shares its collections.
     pub fn load_on(dir: &Path, max_tokens: usize, device: &Device, dtype: DType) -> Result<Loaded, EncodeError> {
-        let config_bytes = read(dir, "config.json")?;
-        let config: BertConfig = serde_json::from_slice(&config_bytes)
-            .map_err(|e| load_err(dir, format!("config.json: {e}")))?;
-        let (pooling, pooling_bytes) = read_pooling(dir)?;
-        let weights_path = dir.join("model.safetensors");
-        let weights = std::fs::read(&weights_path)
-            .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
+        let st = StModel::read(dir)?;
+        let tdir = st.transformer_dir.clone();
+        let weights = read_weights(dir, &tdir)?;
+        // config.json, the pooling config and the weights, as this service has always hashed
+        // them; then whatever else changes the vectors, only when the model has it.
         let mut hasher = Sha256::new();
-        hasher.update(&config_bytes);
-        hasher.update(&pooling_bytes);
+        hasher.update(&st.config_bytes);
+        hasher.update(&st.pooling_bytes);
         hasher.update(&weights);
-        let fingerprint = hex::encode(hasher.finalize());
+        if !st.normalize {
+            hasher.update(b"\0no-normalize");
+        }
+        if st.do_lower_case {
+            hasher.update(b"\0lowercase");
+        }
+        let dense = st.dense.iter().map(|d| load_dense(dir, d, device, &mut hasher)).collect::<Result<Vec<_>, _>>()?;
 
-        let device = device.clone();
-        let vb = VarBuilder::from_buffered_safetensors(weights, dtype, &device)
+        let vb = VarBuilder::from_buffered_safetensors(weights, dtype, device)
             .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
-        let model = BertBody::load(vb, &config)
-            .map_err(|e| load_err(dir, format!("model.safetensors does not match config.json: {e}")))?;
+        let (body, body_info) = Body::load(&st.model_type, &st.config_bytes, vb).map_err(|f| match f {
+            LoadFailure::Config(reason) if reason.starts_with("modernbert runs in f32") => {
+                EncodeError::Unsupported(format!("{}: {reason}", dir.display()))
+            }
+            LoadFailure::Config(reason) => load_err(dir, reason),
+            LoadFailure::Weights(e) => load_err(dir, format!("model.safetensors does not match config.json: {e}")),
+        })?;
         // The weights were copied on this thread's stream; the model runs on another thread.
         device.synchronize().map_err(|e| load_err(dir, format!("copying the weights to the device: {e}")))?;
-        let tokenizer = Tokenizer::from_file(dir.join("tokenizer.json"))
+        let mut tokenizer = Tokenizer::from_file(tdir.join("tokenizer.json"))
             .map_err(|e| load_err(dir, format!("tokenizer.json: {e}")))?;
+        if st.do_lower_case {
+            super::lowercase_first(&mut tokenizer)?;
+        }
 
-        let from_files = if max_tokens > 0 {
-            max_tokens
-        } else {
-            let sbert = dir.join("sentence_bert_config.json");
-            let configured = if sbert.exists() {
-                let bytes = read(dir, "sentence_bert_config.json")?;
-                serde_json::from_slice::<SentenceBertFile>(&bytes)
-                    .map_err(|e| load_err(dir, format!("sentence_bert_config.json: {e}")))?
-                    .max_seq_length
-            } else {
-                None
-            };
-            configured.unwrap_or(config.max_position_embeddings)
-        };
-        let max_tokens = from_files.min(config.max_position_embeddings).max(2);
+        let pooled_dims = body_info.hidden * st.pooling.modes.len();
+        let mut dims = pooled_dims;
+        for (i, d) in st.dense.iter().enumerate() {
+            if d.in_features != dims {
+                return Err(load_err(dir, format!("Dense module {i}: in_features {} but its input has {dims} dims", d.in_features)));
+            }
+            dims = d.out_features;
+        }
+        let limit = body_info.max_positions;
+        let base = if max_tokens > 0 { max_tokens } else { st.max_seq_length.unwrap_or(limit) };
+        let max = base.min(limit).max(2);
+        let cap = |n: Option<usize>| if max_tokens > 0 { max } else { n.unwrap_or(max).min(limit).max(2) };
         let name = dir
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_else(|| dir.display().to_string());
-        let info = EncoderInfo { name, fingerprint, dims: config.hidden_size, max_tokens };
+        let prompts = Prompts { query: st.prompts.query(), document: st.prompts.document() };
+        let model_fingerprint = hex::encode(hasher.finalize());
+        let info = EncoderInfo::new(name, model_fingerprint, dims, max, prompts)
+            .describe(&st.model_type, &st.pooling.describe(), !st.dense.is_empty(), st.normalize);
         Ok(Loaded {
-            model: BertEmbedder { model, pooling, dims: config.hidden_size, device },
+            model: SentenceEmbedder {
+                body,
+                pooling: st.pooling.clone(),
+                dense,
+                normalize: st.normalize,
+                dims,
+                pad_id: body_info.pad_id,
+                device: device.clone(),
+            },
             tokenizer,
             info,
+            query_max_tokens: cap(st.query_length),
+            document_max_tokens: cap(st.document_length),
+            exclude_prompt: !st.pooling.include_prompt,
         })
     }
 
     fn forward(&self, batch: &[&TokenizedText]) -> candle_core::Result<Vec<Vec<f32>>> {
-        let (ids, types, mask) = padded_batch(batch, 0, &self.device)?;
-        // Pooling and the norm in f32: a half-precision sum over hundreds of tokens loses digits.
-        let hidden = self.model.forward(&ids, &types, &mask)?.to_dtype(DType::F32)?; // (n, len, dims)
-        let maskf = mask.to_dtype(DType::F32)?.unsqueeze(2)?; // (n, len, 1)
-        let pooled = match self.pooling {
-            Pooling::Cls => hidden.narrow(1, 0, 1)?.squeeze(1)?,
-            Pooling::Mean | Pooling::MeanSqrtLen => {
-                let summed = hidden.broadcast_mul(&maskf)?.sum(1)?;
-                let counts = maskf.sum(1)?; // (n, 1)
-                let divisor = if self.pooling == Pooling::Mean { counts } else { counts.sqrt()? };
-                summed.broadcast_div(&divisor)?
-            }
-            Pooling::Max => {
-                // Padding must never win the max.
-                let penalty = ((maskf.ones_like()? - &maskf)? * -1e9)?;
-                hidden.broadcast_add(&penalty)?.max(1)?
-            }
-        };
-        let norms = pooled.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
-        pooled.broadcast_div(&norms)?.to_vec2::<f32>()
+        let (ids, types, mask) = padded_batch(batch, self.pad_id, &self.device)?;
+        let hidden = self.body.forward(&ids, &types, &mask)?.to_dtype(DType::F32)?; // (n, len, h)
+        let len = hidden.dim(1)?;
+        let rows: Vec<Vec<f32>> = batch
+            .iter()
+            .map(|t| (0..len).map(|j| if j < t.ids.len() { 1.0 } else { 0.0 }).collect())
+            .collect();
+        let prompt_lens: Vec<usize> = batch.iter().map(|t| t.prompt_len).collect();
+        let mut x = self.pooling.pool(&hidden, &rows, &prompt_lens)?;
+        for d in &self.dense {
+            x = d.forward(&x)?;
+        }
+        if self.normalize {
+            // As torch's F.normalize: x / max(||x||, 1e-12).
+            let norms = x.sqr()?.sum_keepdim(D::Minus1)?.sqrt()?.clamp(1e-12, f32::MAX)?;
+            x = x.broadcast_div(&norms)?;
+        }
+        x.to_vec2::<f32>()
     }
 }
 
-impl EmbedModel for BertEmbedder {
+impl EmbedModel for SentenceEmbedder {
     fn embed(&mut self, batch: &[&TokenizedText]) -> Result<Vec<Vec<f32>>, EncodeError> {
         if batch.is_empty() {
             return Ok(Vec::new());
@@ -184,6 +226,8 @@ impl EmbedModel for BertEmbedder {
 #[cfg(test)]
 mod tests {
     use super::super::testing::{tiny_model, real_model_dir};
+    use candle_transformers::models::bert::Config as BertConfig;
+    use super::super::body::BertBody;
     use super::super::{BatchConfig, Encoder};
     use super::*;
     use candle_core::Tensor;
@@ -252,7 +296,7 @@ mod tests {
     #[test]
     fn missing_files_name_the_file() {
         let dir = tempfile::tempdir().unwrap();
-        let err = BertEmbedder::load(dir.path(), 0).err().unwrap().to_string();
+        let err = SentenceEmbedder::load(dir.path(), 0).err().unwrap().to_string();
         assert!(err.contains("config.json"), "{err}");
     }
 

@@ -1,0 +1,291 @@
+//! Transformer bodies by `config.json` `model_type`: BERT and XLM-RoBERTa (our fused body,
+//! positions offset by the padding index for the latter), ModernBERT (candle-transformers'
+//! implementation, alternating global and sliding-window attention with two rotary bases)
+//! and Qwen3 (our decoder body). Any other `model_type` is refused by name, never loaded as
+//! something else. A new family is one file plus one match arm here.
+use candle_core::{DType, Result, Tensor};
+use candle_nn::VarBuilder;
+use candle_transformers::models::bert::{Config as BertConfig, HiddenAct, PositionEmbeddingType};
+use candle_transformers::models::modernbert::{Config as ModernBertConfig, ModernBert};
+use serde::Deserialize;
+use serde_json::Value;
+
+use super::body::BertBody;
+use super::qwen3::{Qwen3Body, Qwen3Config};
+
+pub const SUPPORTED: &str = "bert, xlm-roberta, modernbert, qwen3";
+
+/// A loaded body: token ids in, hidden states (batch, len, hidden) out.
+pub enum Body {
+    Bert(BertBody),
+    ModernBert(ModernBert),
+    Qwen3(Qwen3Body),
+}
+
+/// What the rest of the pipeline needs to know about a body.
+#[derive(Debug, Clone, Copy)]
+pub struct BodyInfo {
+    pub hidden: usize,
+    /// The longest input the body's positions allow, special tokens included.
+    pub max_positions: usize,
+    pub pad_id: u32,
+}
+
+/// Why a body could not load: a refusal of the config (by key) or a weights mismatch.
+pub enum LoadFailure {
+    Config(String),
+    Weights(candle_core::Error),
+}
+
+impl From<candle_core::Error> for LoadFailure {
+    fn from(e: candle_core::Error) -> Self {
+        LoadFailure::Weights(e)
+    }
+}
+
+fn parse<T: for<'de> Deserialize<'de>>(bytes: &[u8]) -> std::result::Result<T, LoadFailure> {
+    serde_json::from_slice(bytes).map_err(|e| LoadFailure::Config(format!("config.json: {e}")))
+}
+
+/// transformers' BertConfig / XLMRobertaConfig, with its defaults for absent keys.
+#[derive(Debug, Deserialize)]
+struct BertFamilyConfig {
+    vocab_size: usize,
+    #[serde(default = "d768")]
+    hidden_size: usize,
+    #[serde(default = "d12")]
+    num_hidden_layers: usize,
+    #[serde(default = "d12")]
+    num_attention_heads: usize,
+    #[serde(default = "d3072")]
+    intermediate_size: usize,
+    #[serde(default = "gelu")]
+    hidden_act: String,
+    #[serde(default = "d512")]
+    max_position_embeddings: usize,
+    #[serde(default = "d2")]
+    type_vocab_size: usize,
+    #[serde(default = "eps12")]
+    layer_norm_eps: f64,
+    #[serde(default)]
+    pad_token_id: Option<u32>,
+    #[serde(default)]
+    position_embedding_type: Option<String>,
+}
+
+fn d768() -> usize {
+    768
+}
+fn d12() -> usize {
+    12
+}
+fn d3072() -> usize {
+    3072
+}
+fn d512() -> usize {
+    512
+}
+fn d2() -> usize {
+    2
+}
+fn eps12() -> f64 {
+    1e-12
+}
+fn gelu() -> String {
+    "gelu".into()
+}
+
+impl BertFamilyConfig {
+    fn to_candle(&self) -> std::result::Result<BertConfig, LoadFailure> {
+        let hidden_act = match self.hidden_act.as_str() {
+            "gelu" => HiddenAct::Gelu,
+            "gelu_new" | "gelu_pytorch_tanh" => HiddenAct::GeluApproximate,
+            "relu" => HiddenAct::Relu,
+            other => return Err(LoadFailure::Config(format!("config.json hidden_act: {other:?} is not supported (gelu, gelu_new, relu)"))),
+        };
+        match self.position_embedding_type.as_deref() {
+            None | Some("absolute") => {}
+            Some(other) => {
+                return Err(LoadFailure::Config(format!("config.json position_embedding_type: {other:?} is not supported (absolute)")));
+            }
+        }
+        Ok(BertConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            hidden_act,
+            hidden_dropout_prob: 0.0,
+            max_position_embeddings: self.max_position_embeddings,
+            type_vocab_size: self.type_vocab_size,
+            initializer_range: 0.02,
+            layer_norm_eps: self.layer_norm_eps,
+            pad_token_id: self.pad_token_id.unwrap_or(0) as usize,
+            position_embedding_type: PositionEmbeddingType::Absolute,
+            use_cache: false,
+            classifier_dropout: None,
+            model_type: None,
+        })
+    }
+}
+
+/// transformers' ModernBertConfig (4.x keys and 5.x `rope_parameters` / `layer_types`).
+#[derive(Debug, Deserialize)]
+struct ModernBertFileConfig {
+    vocab_size: usize,
+    hidden_size: usize,
+    num_hidden_layers: usize,
+    num_attention_heads: usize,
+    intermediate_size: usize,
+    #[serde(default = "d8192")]
+    max_position_embeddings: usize,
+    #[serde(default = "eps5")]
+    norm_eps: f64,
+    #[serde(default)]
+    pad_token_id: Option<u32>,
+    #[serde(default = "d3")]
+    global_attn_every_n_layers: usize,
+    #[serde(default)]
+    global_rope_theta: Option<f64>,
+    #[serde(default)]
+    local_rope_theta: Option<f64>,
+    #[serde(default = "d128")]
+    local_attention: usize,
+    #[serde(default)]
+    rope_parameters: Option<Value>,
+    #[serde(default)]
+    layer_types: Option<Vec<String>>,
+    #[serde(default = "gelu")]
+    hidden_activation: String,
+    #[serde(default)]
+    attention_bias: bool,
+    #[serde(default)]
+    mlp_bias: bool,
+    #[serde(default)]
+    norm_bias: bool,
+}
+
+fn d8192() -> usize {
+    8192
+}
+fn d3() -> usize {
+    3
+}
+fn d128() -> usize {
+    128
+}
+fn eps5() -> f64 {
+    1e-5
+}
+
+impl ModernBertFileConfig {
+    fn to_candle(&self) -> std::result::Result<ModernBertConfig, LoadFailure> {
+        let refuse = |key: &str, what: String| Err(LoadFailure::Config(format!("config.json {key}: {what}")));
+        for (key, on) in [("attention_bias", self.attention_bias), ("mlp_bias", self.mlp_bias), ("norm_bias", self.norm_bias)] {
+            if on {
+                return refuse(key, "true is not supported".into());
+            }
+        }
+        if self.hidden_activation != "gelu" {
+            return refuse("hidden_activation", format!("{:?} is not supported (gelu)", self.hidden_activation));
+        }
+        let every = self.global_attn_every_n_layers.max(1);
+        if let Some(types) = &self.layer_types {
+            // candle-transformers alternates by layer index: layer i is global when i % every == 0.
+            for (i, t) in types.iter().enumerate() {
+                let expected = if i % every == 0 { "full_attention" } else { "sliding_attention" };
+                if t != expected {
+                    return refuse("layer_types", format!("layer {i} is {t:?}; only every {every}th layer global is supported"));
+                }
+            }
+        }
+        let theta = |layer: &str, legacy: Option<f64>, default: f64| -> std::result::Result<f64, LoadFailure> {
+            let params = self.rope_parameters.as_ref().and_then(|p| p.get(layer));
+            if let Some(p) = params {
+                let kind = p.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+                if kind != "default" {
+                    return Err(LoadFailure::Config(format!("config.json rope_parameters.{layer}.rope_type: {kind:?} is not supported (default)")));
+                }
+                if let Some(t) = p.get("rope_theta").and_then(Value::as_f64) {
+                    return Ok(t);
+                }
+            }
+            Ok(legacy.unwrap_or(default))
+        };
+        Ok(ModernBertConfig {
+            vocab_size: self.vocab_size,
+            hidden_size: self.hidden_size,
+            num_hidden_layers: self.num_hidden_layers,
+            num_attention_heads: self.num_attention_heads,
+            intermediate_size: self.intermediate_size,
+            max_position_embeddings: self.max_position_embeddings,
+            layer_norm_eps: self.norm_eps,
+            pad_token_id: self.pad_token_id.unwrap_or(0),
+            global_attn_every_n_layers: every,
+            global_rope_theta: theta("full_attention", self.global_rope_theta, 160_000.0)?,
+            local_attention: self.local_attention,
+            local_rope_theta: theta("sliding_attention", self.local_rope_theta, 10_000.0)?,
+            classifier_config: None,
+        })
+    }
+}
+
+impl Body {
+    /// Loads the body `model_type` names from `config` and the weights in `vb`.
+    pub fn load(model_type: &str, config: &[u8], vb: VarBuilder) -> std::result::Result<(Body, BodyInfo), LoadFailure> {
+        let dtype = vb.dtype();
+        match model_type {
+            "bert" | "xlm-roberta" => {
+                let file: BertFamilyConfig = parse(config)?;
+                let cfg = file.to_candle()?;
+                let (offset, pad) = if model_type == "bert" {
+                    (0, file.pad_token_id.unwrap_or(0))
+                } else {
+                    let pad = file.pad_token_id.unwrap_or(1);
+                    (pad + 1, pad)
+                };
+                let body = BertBody::load_with_offset(vb, &cfg, offset)?;
+                let info = BodyInfo {
+                    hidden: cfg.hidden_size,
+                    max_positions: cfg.max_position_embeddings - offset as usize,
+                    pad_id: pad,
+                };
+                Ok((Body::Bert(body), info))
+            }
+            "modernbert" => {
+                if dtype != DType::F32 {
+                    return Err(LoadFailure::Config("modernbert runs in f32 only; set the dtype to \"f32\"".into()));
+                }
+                let file: ModernBertFileConfig = parse(config)?;
+                let cfg = file.to_candle()?;
+                // candle-transformers reads ModernBertForMaskedLM names (`model.` prefix).
+                let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") {
+                    vb
+                } else {
+                    vb.rename_f(|name| name.strip_prefix("model.").unwrap_or(name).to_string())
+                };
+                let body = ModernBert::load(vb, &cfg)?;
+                let info = BodyInfo { hidden: cfg.hidden_size, max_positions: cfg.max_position_embeddings, pad_id: cfg.pad_token_id };
+                Ok((Body::ModernBert(body), info))
+            }
+            "qwen3" => {
+                let cfg: Qwen3Config = parse(config)?;
+                cfg.check().map_err(LoadFailure::Config)?;
+                let body = Qwen3Body::load(vb, &cfg)?;
+                let info = BodyInfo { hidden: cfg.hidden_size, max_positions: cfg.max_position_embeddings, pad_id: 0 };
+                Ok((Body::Qwen3(body), info))
+            }
+            other => Err(LoadFailure::Config(format!("config.json model_type: {other:?} is not supported ({SUPPORTED})"))),
+        }
+    }
+
+    /// Hidden states (batch, len, hidden) for right-padded ids, type ids and mask (u32).
+    pub fn forward(&self, ids: &Tensor, types: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        match self {
+            Body::Bert(b) => b.forward(ids, types, mask),
+            Body::ModernBert(m) => m.forward(ids, mask),
+            Body::Qwen3(q) => q.forward(ids, mask),
+        }
+    }
+}
