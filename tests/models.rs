@@ -1,0 +1,279 @@
+//! The trainer's own model: checkpoints saved by sentence-transformers 6.2 (tests/fixtures/models,
+//! made by tests/reference/make_models.py) encode here as the library encodes them, through the
+//! encoder and end to end through a real server, and what cannot be served is refused by name.
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use futures::StreamExt;
+use hardneg_client::proto;
+use hardneg_server::encode::{BatchConfig, Encoder, TextKind};
+use hardneg_tests::{Server, bin, model_dir, root};
+use serde_json::Value;
+
+const CFG: BatchConfig = BatchConfig { token_budget: 4096, max_batch_texts: 64, queue_capacity: 64 };
+/// Max |hardneg - sentence-transformers| per component (f32 on both sides).
+const TOLERANCE: f32 = 1e-4;
+
+fn fixtures() -> PathBuf {
+    root().join("tests/fixtures/models")
+}
+
+/// Every fixture with its own weights (the re-saved MiniLM borrows the real model's).
+fn cases() -> Vec<(String, PathBuf, Value)> {
+    let mut out: Vec<_> = std::fs::read_dir(fixtures())
+        .unwrap()
+        .map(|e| e.unwrap().path())
+        .filter(|p| p.join("expected.json").exists() && p.join("model.safetensors").exists())
+        .map(|p| {
+            let expected: Value = serde_json::from_slice(&std::fs::read(p.join("expected.json")).unwrap()).unwrap();
+            (p.file_name().unwrap().to_string_lossy().into_owned(), p, expected)
+        })
+        .collect();
+    out.sort_by(|a, b| a.0.cmp(&b.0));
+    assert!(out.len() >= 28, "fixtures missing: {}", out.len());
+    out
+}
+
+fn matrix(v: &Value) -> Vec<Vec<f32>> {
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_f64().unwrap() as f32).collect()).collect()
+}
+
+fn ids(v: &Value) -> Vec<Vec<u32>> {
+    v.as_array().unwrap().iter().map(|r| r.as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect()).collect()
+}
+
+fn texts(expected: &Value) -> Vec<String> {
+    expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect()
+}
+
+fn worst(a: &[Vec<f32>], b: &[Vec<f32>]) -> f32 {
+    assert_eq!(a.len(), b.len());
+    a.iter()
+        .zip(b)
+        .flat_map(|(x, y)| {
+            assert_eq!(x.len(), y.len(), "dims differ");
+            x.iter().zip(y).map(|(p, q)| (p - q).abs())
+        })
+        .fold(0f32, f32::max)
+}
+
+fn cos(a: &[f32], b: &[f32]) -> f32 {
+    let dot: f32 = a.iter().zip(b).map(|(x, y)| x * y).sum();
+    let na: f32 = a.iter().map(|x| x * x).sum::<f32>().sqrt();
+    let nb: f32 = b.iter().map(|x| x * x).sum::<f32>().sqrt();
+    dot / (na * nb)
+}
+
+/// Checks one model directory against an expected.json; the list of what differs.
+async fn check(name: &str, dir: &Path, expected: &Value) -> Vec<String> {
+    let mut problems = Vec::new();
+    let enc = match Encoder::load(dir, 0, CFG) {
+        Ok(e) => e,
+        Err(e) => return vec![format!("{name}: does not load: {e}")],
+    };
+    let want_len = expected["max_seq_length"].as_u64().unwrap() as usize;
+    if enc.info().max_tokens != want_len {
+        problems.push(format!("{name}: max length {} (sentence-transformers {want_len})", enc.info().max_tokens));
+    }
+    let texts = texts(expected);
+    for (kind, key) in [(TextKind::Query, "encode_query"), (TextKind::Document, "encode_document")] {
+        let mut side = &expected[key];
+        let prompt = side["prompt"].as_str().filter(|p| !p.is_empty()).map(str::to_string);
+        if let Some(other) = side["same_as"].as_str() {
+            side = &expected[other];
+        }
+        if enc.info().prompts.get(kind).map(str::to_string) != prompt {
+            problems.push(format!("{name} {key}: prompt {:?}, sentence-transformers {prompt:?}", enc.info().prompts.get(kind)));
+        }
+        let items: Vec<(TextKind, String)> = texts.iter().map(|t| (kind, t.clone())).collect();
+        let tokenized = enc.tokenize_as(&items, &enc.info().prompts).unwrap();
+        let got_ids: Vec<Vec<u32>> = tokenized.iter().map(|t| t.ids.clone()).collect();
+        if got_ids != ids(&side["input_ids"]) {
+            problems.push(format!("{name} {key}: token ids differ:\n  ours {got_ids:?}\n  st   {:?}", ids(&side["input_ids"])));
+        }
+        let got = enc.encode_as(items, &enc.info().prompts).await.unwrap();
+        let diff = worst(&got, &matrix(&side["embeddings"]));
+        if diff.is_nan() || diff > TOLERANCE {
+            problems.push(format!("{name} {key}: max |difference| {diff:e}"));
+        }
+    }
+    problems
+}
+
+/// Every fixture: the same token ids, maximum length, prompts and vectors (within 1e-4) as
+/// sentence-transformers' encode_query / encode_document, long texts included.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_saved_model_encodes_as_sentence_transformers() {
+    let mut problems = Vec::new();
+    for (name, dir, expected) in cases() {
+        problems.extend(check(&name, &dir, &expected).await);
+    }
+    assert!(problems.is_empty(), "{} problems:\n{}", problems.len(), problems.join("\n"));
+}
+
+/// all-MiniLM-L6-v2 loaded and saved again by sentence-transformers 6 (its config files, the
+/// original weights and tokenizer, which the save leaves unchanged) encodes exactly as the
+/// original directory, and as sentence-transformers does.
+fn resaved_minilm(into: &Path) -> PathBuf {
+    let dir = into.join("minilm-st6");
+    let fixture = fixtures().join("minilm-st6-resaved");
+    copy_tree(&fixture, &dir);
+    for file in ["model.safetensors", "tokenizer.json"] {
+        std::fs::copy(model_dir().join(file), dir.join(file)).unwrap();
+    }
+    dir
+}
+
+fn copy_tree(src: &Path, dst: &Path) {
+    std::fs::create_dir_all(dst).unwrap();
+    for entry in std::fs::read_dir(src).unwrap() {
+        let path = entry.unwrap().path();
+        let target = dst.join(path.file_name().unwrap());
+        if path.is_dir() {
+            copy_tree(&path, &target);
+        } else {
+            std::fs::copy(&path, &target).unwrap();
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn minilm_saved_again_by_sentence_transformers_6_matches_the_original() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = resaved_minilm(tmp.path());
+    let expected: Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    let problems = check("minilm-st6-resaved", &dir, &expected).await;
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    let original = Encoder::load(&model_dir(), 0, CFG).unwrap();
+    let resaved = Encoder::load(&dir, 0, CFG).unwrap();
+    assert_eq!(resaved.info().max_tokens, 256);
+    let texts = texts(&expected);
+    let a = original.encode(texts.clone()).await.unwrap();
+    let b = resaved.encode(texts).await.unwrap();
+    assert!(worst(&a, &b) < 1e-6, "re-saved vectors differ by {}", worst(&a, &b));
+}
+
+fn doc(i: usize, text: &str) -> proto::Document {
+    proto::Document { id: format!("d{i}"), text: text.into(), title: None, metadata: Default::default() }
+}
+
+/// Serves `dir` and checks that Mine's scores are sentence-transformers' cosines between the
+/// query (as encode_query) and each document (as encode_document).
+async fn serve_and_check(dir: &Path, expected: &Value) {
+    let tmp = tempfile::tempdir().unwrap();
+    let server = Server::start_with_model(&tmp.path().join("data"), dir, &[]).await;
+    let mut client = server.client().await;
+    client.create_collection("c", proto::Quantization::F32).await.unwrap();
+    let texts = texts(expected);
+    let docs: Vec<proto::Document> =
+        texts.iter().enumerate().filter(|(_, t)| !t.trim().is_empty()).map(|(i, t)| doc(i, t)).collect();
+    let n = docs.len();
+    client.upsert("c", futures::stream::iter([docs])).await.unwrap();
+    let side = |key: &str| match expected[key]["same_as"].as_str() {
+        Some(other) => &expected[other],
+        None => &expected[key],
+    };
+    let queries = matrix(&side("encode_query")["embeddings"]);
+    let documents = matrix(&side("encode_document")["embeddings"]);
+    for q in [0usize, 3] {
+        let req = proto::MineRequest {
+            collection: "c".into(),
+            queries: vec![proto::Query { text: texts[q].clone(), positive_ids: vec![format!("d{}", q + 1)], ..Default::default() }],
+            options: Some(proto::MineOptions { num_negatives: (n - 2) as u32, range_max: Some(n as u32), seed: Some(1), ..Default::default() }),
+            ..Default::default()
+        };
+        let resp = client.mine(req).await.unwrap();
+        let negatives = &resp.results[0].negatives;
+        assert!(negatives.len() >= 3, "{} negatives", negatives.len());
+        for neg in negatives {
+            let j: usize = neg.id[1..].parse().unwrap();
+            let want = cos(&queries[q], &documents[j]);
+            assert!((neg.score - want).abs() < TOLERANCE, "{}: query {q} doc {j}: score {} vs {want}", dir.display(), neg.score);
+        }
+    }
+    server.stop(Duration::from_secs(30));
+}
+
+/// One fixture per architecture (and prompts, Dense, no Normalize) through a real server.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn served_scores_are_sentence_transformers_cosines() {
+    for name in [
+        "bert-mean-prompts",
+        "bert-mean",
+        "bert-mean-dense-normalize",
+        "xlm-roberta-mean-normalize",
+        "modernbert-mean-normalize",
+        "qwen3-lasttoken-normalize",
+    ] {
+        let dir = fixtures().join(name);
+        let expected: Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+        serve_and_check(&dir, &expected).await;
+    }
+}
+
+/// A copy of a fixture with one JSON file edited.
+fn broken(tmp: &Path, name: &str, file: &str, edit: impl FnOnce(&mut Value)) -> PathBuf {
+    let dir = tmp.join(format!("{name}-{}", file.replace('/', "_")));
+    copy_tree(&fixtures().join(name), &dir);
+    let path = dir.join(file);
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&path).unwrap()).unwrap();
+    edit(&mut v);
+    std::fs::write(&path, v.to_string()).unwrap();
+    dir
+}
+
+/// The refusals: each names the file and key, at start (the server exits with it) and by
+/// Refresh (INVALID_ARGUMENT, and the server keeps serving).
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn unsupported_models_are_refused_by_name() {
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    let cases: Vec<(PathBuf, &str)> = vec![
+        (broken(&models, "bert-mean", "config.json", |v| v["model_type"] = "gpt2".into()), "config.json model_type: \"gpt2\""),
+        (
+            broken(&models, "bert-mean", "modules.json", |v| {
+                v.as_array_mut().unwrap().insert(2, serde_json::json!({"idx": 2, "name": "2", "path": "2_LayerNorm", "type": "sentence_transformers.models.LayerNorm"}))
+            }),
+            "modules.json: module type \"sentence_transformers.models.LayerNorm\"",
+        ),
+        (
+            broken(&models, "bert-mean", "1_Pooling/config.json", |v| v["pooling_mode"] = "attention".into()),
+            "1_Pooling/config.json pooling_mode: \"attention\"",
+        ),
+    ];
+    // At start: the process exits non-zero, its log naming the file and key.
+    for (dir, needle) in &cases {
+        let out = std::process::Command::new(bin("hardneg-server"))
+            .args(["--listen", "127.0.0.1:0", "--data-dir"])
+            .arg(tmp.path().join("start-data"))
+            .arg("--model-dir")
+            .arg(dir)
+            .output()
+            .unwrap();
+        let log = String::from_utf8_lossy(&out.stderr);
+        assert!(!out.status.success(), "{} started", dir.display());
+        assert!(log.contains(needle), "start with {}: log lacks {needle:?}:\n{log}", dir.display());
+    }
+    // By Refresh, against a server on a good model.
+    let env = [("HARDNEG__ENCODER__MODELS_ROOT", models.to_str().unwrap())];
+    let server = Server::start_with_model(&tmp.path().join("data"), &fixtures().join("bert-mean"), &env).await;
+    let mut client = server.client().await;
+    client.create_collection("c", proto::Quantization::F32).await.unwrap();
+    client.upsert("c", futures::stream::iter([vec![doc(0, "a man is eating"), doc(1, "the girl")]])).await.unwrap();
+    for (dir, needle) in &cases {
+        let name = dir.file_name().unwrap().to_str().unwrap();
+        let status = match client.refresh("c", name).await {
+            Err(hardneg_client::ClientError::Status(s)) => s,
+            Err(e) => panic!("refresh with {name}: {e}"),
+            Ok(mut stream) => match stream.next().await {
+                Some(Err(s)) => s,
+                other => panic!("refresh with {name} was accepted: {other:?}"),
+            },
+        };
+        assert_eq!(status.code(), tonic::Code::InvalidArgument, "{name}: {status:?}");
+        assert!(status.message().contains(needle), "{name}: {:?} lacks {needle:?}", status.message());
+        let info = client.get_collection("c").await.unwrap();
+        assert_eq!(info.generation, 1, "a refused refresh changes nothing");
+    }
+    server.stop(Duration::from_secs(30));
+}
