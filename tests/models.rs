@@ -277,3 +277,67 @@ async fn unsupported_models_are_refused_by_name() {
     }
     server.stop(Duration::from_secs(30));
 }
+
+/// A Refresh to all-MiniLM-L6-v2 as sentence-transformers 6 saves it runs to the end while a
+/// client mines, and the new generation answers as the original model did.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn refresh_to_the_resaved_model_runs_under_load() {
+    use hardneg_client::beir::{self, CorpusDoc};
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let tmp = tempfile::tempdir().unwrap();
+    let models = tmp.path().join("models");
+    resaved_minilm(&models);
+    let env = [("HARDNEG__ENCODER__MODELS_ROOT", models.to_str().unwrap())];
+    let server = Server::start_with(&tmp.path().join("data"), &env).await;
+    let mut client = server.client().await;
+    client.create_collection("c", proto::Quantization::F32).await.unwrap();
+    let docs: Vec<CorpusDoc> = beir::read_jsonl(&hardneg_tests::dataset("cranfield").join("corpus.jsonl")).unwrap();
+    let docs: Vec<proto::Document> = docs
+        .into_iter()
+        .filter(|d| !d.text.trim().is_empty())
+        .take(64)
+        .map(|d| proto::Document { id: d.id, text: d.text, title: None, metadata: Default::default() })
+        .collect();
+    client.upsert("c", futures::stream::iter([docs])).await.unwrap();
+    let request = || proto::MineRequest {
+        collection: "c".into(),
+        queries: ["what similarity laws must be obeyed when constructing aeroelastic models", "heat transfer in hypersonic flow"]
+            .iter()
+            .map(|t| proto::Query { text: t.to_string(), ..Default::default() })
+            .collect(),
+        options: Some(proto::MineOptions { num_negatives: 5, seed: Some(3), ..Default::default() }),
+        ..Default::default()
+    };
+    let before = client.mine(request()).await.unwrap();
+    let stop = Arc::new(AtomicBool::new(false));
+    let (addr, flag) = (server.addr.clone(), stop.clone());
+    let miner = tokio::spawn(async move {
+        let mut c = hardneg_client::Client::connect(&addr).await.unwrap();
+        let mut generations = Vec::new();
+        while !flag.load(Ordering::Acquire) {
+            generations.push(c.mine(request()).await.expect("no request fails during the refresh").generation);
+        }
+        generations
+    });
+    let mut stream = client.refresh("c", "minilm-st6").await.unwrap();
+    let mut last = None;
+    while let Some(p) = stream.next().await {
+        last = Some(p.unwrap());
+    }
+    let last = last.unwrap();
+    assert_eq!((last.phase.as_str(), last.generation), ("done", 2));
+    stop.store(true, Ordering::Release);
+    let generations = miner.await.unwrap();
+    assert!(!generations.is_empty() && generations.windows(2).all(|w| w[0] <= w[1]), "{generations:?}");
+    let after = client.mine(request()).await.unwrap();
+    assert_eq!(after.generation, 2);
+    for (a, b) in before.results.iter().zip(&after.results) {
+        let ids = |r: &proto::QueryResult| r.negatives.iter().map(|n| n.id.clone()).collect::<Vec<_>>();
+        assert_eq!(ids(a), ids(b), "the re-saved model answers as the original");
+        for (x, y) in a.negatives.iter().zip(&b.negatives) {
+            assert!((x.score - y.score).abs() < 1e-5, "{} vs {}", x.score, y.score);
+        }
+    }
+    server.stop(Duration::from_secs(30));
+}
