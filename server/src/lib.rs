@@ -18,11 +18,7 @@ pub mod store;
 use std::sync::Arc;
 
 /// Generated wire types and service stubs (package `hardneg.v1`).
-pub mod proto {
-    tonic::include_proto!("hardneg.v1");
-    /// Encoded descriptors for server reflection.
-    pub const FILE_DESCRIPTOR_SET: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/hardneg_descriptor.bin"));
-}
+pub use hardneg_proto as proto;
 
 use config::Config;
 use encode::{BatchConfig, Encoder, Placement, Reranker};
