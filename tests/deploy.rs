@@ -7,7 +7,7 @@ use std::process::Command;
 use std::time::Duration;
 
 use futures::StreamExt;
-use hardneg_client::proto;
+use hardneg_proto as proto;
 use hardneg_server::encode::testing::perturbed_checkpoint;
 use hardneg_tests::{Server, model_dir, root};
 

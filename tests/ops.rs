@@ -7,7 +7,8 @@ use std::time::{Duration, Instant};
 
 use futures::StreamExt;
 use hardneg_client::beir::{self, BeirQuery, CorpusDoc};
-use hardneg_client::{Client, Code, ConnectOptions, proto};
+use hardneg_client::{Client, Code, ConnectOptions};
+use hardneg_proto as proto;
 use hardneg_server::encode::testing::perturbed_checkpoint;
 use hardneg_tests::{Server, bin, dataset, model_dir};
 

@@ -8,7 +8,8 @@ use std::time::Duration;
 
 use futures::StreamExt;
 use hardneg_client::beir::{self, BeirQuery, CorpusDoc};
-use hardneg_client::{Client, Code, proto};
+use hardneg_client::{Client, Code};
+use hardneg_proto as proto;
 use hardneg_server::encode::testing::perturbed_checkpoint;
 use hardneg_tests::{Server, dataset, model_dir};
 

@@ -5,9 +5,7 @@ use futures::Stream;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
 /// Generated wire types and the raw client stub (package `hardneg.v1`).
-pub mod proto {
-    tonic::include_proto!("hardneg.v1");
-}
+pub use hardneg_proto as proto;
 
 pub use proto::negative_miner_client::NegativeMinerClient;
 pub use tonic::{Code, Status};

@@ -232,15 +232,16 @@ fn mine_latency(
             }),
             min_generation: None,
         };
-        let params = hardneg_server::api::validate_mine(&req, &engine.cfg).unwrap();
+        let params = hardneg_server::api::validate_mine(&req, engine.config()).unwrap();
+        let batch = hardneg_server::api::convert::mine_batch(req, params);
         let started = Instant::now();
-        let resp = rt.block_on(engine.mine(&req, &params)).unwrap();
+        let resp = rt.block_on(engine.mine(&batch)).unwrap();
         let elapsed = started.elapsed().as_secs_f64();
         if it < 2 {
             continue;
         }
         latencies.push(elapsed);
-        let t = resp.timings.unwrap();
+        let t = resp.timings;
         for (acc, v) in stages.iter_mut().zip([t.encode_seconds, t.search_seconds, t.filter_seconds, t.total_seconds, t.rerank_seconds]) {
             *acc += v;
         }
@@ -386,7 +387,7 @@ fn bench_refresh(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
             while !["done", "failed", "cancelled"].contains(&progress.borrow().phase.as_str()) {
                 latencies.push(mine_once(&engine, "cranfield", &queries, latencies.len()).await);
             }
-            assert_eq!(progress.borrow().phase, "done", "{:?}", progress.borrow().error);
+            assert_eq!(progress.borrow().phase.as_str(), "done", "{:?}", progress.borrow().error);
             latencies
         })
     });
@@ -450,9 +451,10 @@ async fn mine_once(engine: &Engine, collection: &str, queries: &[(String, Option
         options: Some(pb::MineOptions { num_negatives: 8, seed: Some(it as u64), ..Default::default() }),
         min_generation: None,
     };
-    let params = hardneg_server::api::validate_mine(&req, &engine.cfg).unwrap();
+    let params = hardneg_server::api::validate_mine(&req, engine.config()).unwrap();
+    let batch = hardneg_server::api::convert::mine_batch(req, params);
     let started = Instant::now();
-    engine.mine(&req, &params).await.unwrap();
+    engine.mine(&batch).await.unwrap();
     started.elapsed().as_secs_f64()
 }
 

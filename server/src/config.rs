@@ -4,6 +4,9 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+/// The `[index]` section, defined with the index that uses it.
+pub use crate::index::IndexConfig;
+
 /// The documented defaults; also the base layer of every load, so code and docs cannot drift.
 pub const DEFAULT_TOML: &str = include_str!("../../config/hardneg.toml");
 
@@ -122,16 +125,6 @@ pub struct RerankerConfig {
     pub device: String,
     /// `f32`, `f16` or `bf16`.
     pub dtype: String,
-}
-
-#[derive(Debug, Clone, Deserialize)]
-#[serde(deny_unknown_fields)]
-pub struct IndexConfig {
-    pub exact_search_below: usize,
-    pub connectivity: usize,
-    pub expansion_add: usize,
-    pub expansion_search: usize,
-    pub threads: usize,
 }
 
 #[derive(Debug, Clone, Deserialize)]

@@ -8,7 +8,20 @@ use parking_lot::RwLock;
 use tokio::sync::Semaphore;
 use usearch::{Index, IndexOptions, MetricKind, ScalarKind};
 
-use crate::config::IndexConfig;
+use serde::Deserialize;
+
+/// The `[index]` section of the configuration: HNSW parameters and search threads.
+#[derive(Debug, Clone, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct IndexConfig {
+    /// Below this many vectors, search exactly.
+    pub exact_search_below: usize,
+    pub connectivity: usize,
+    pub expansion_add: usize,
+    pub expansion_search: usize,
+    /// Index operations running at once.
+    pub threads: usize,
+}
 
 #[derive(Debug, thiserror::Error)]
 pub enum IndexError {

@@ -2,12 +2,9 @@
 //! `/metrics`). Every name has the `hardneg_` prefix and a unit suffix; histograms have
 //! explicit buckets so Prometheus sees real histograms.
 use std::net::SocketAddr;
-use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use metrics_exporter_prometheus::{Matcher, PrometheusBuilder};
-
-use crate::engine::Engine;
 
 pub const REQUESTS: &str = "hardneg_requests_total";
 pub const REQUEST_DURATION: &str = "hardneg_request_duration_seconds";
@@ -35,8 +32,9 @@ const SECONDS: &[f64] = &[0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.
 const TEXTS: &[f64] = &[1.0, 2.0, 4.0, 8.0, 16.0, 32.0, 64.0, 128.0, 256.0];
 const TOKENS: &[f64] = &[64.0, 256.0, 1024.0, 2048.0, 4096.0, 8192.0, 16384.0, 32768.0];
 
-/// Starts the exporter on `addr` and collection gauges refreshed every few seconds.
-pub fn install(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<()> {
+/// Starts the exporter on `addr`, and calls `gauges` every few seconds to refresh the gauges
+/// it owns (the collections').
+pub fn install(addr: SocketAddr, gauges: impl Fn() + Send + 'static) -> anyhow::Result<()> {
     let (recorder, exporter) = PrometheusBuilder::new()
         .with_http_listener(addr)
         .set_buckets_for_metric(Matcher::Suffix("_seconds".into()), SECONDS)?
@@ -55,7 +53,7 @@ pub fn install(addr: SocketAddr, engine: Arc<Engine>) -> anyhow::Result<()> {
     });
     tokio::spawn(async move {
         loop {
-            engine.export_collection_gauges();
+            gauges();
             tokio::time::sleep(Duration::from_secs(2)).await;
         }
     });

@@ -1,13 +1,22 @@
-//! The mining logic of one query, free of I/O so it can be tested with a deterministic scorer:
-//! exclude (positives, duplicate texts, batch positives), filter (rank window, score bounds,
-//! positive-aware margins, similarity to the positives), rerank (cross-encoder thresholds),
-//! decide whether to score or search deeper, and sample.
+//! The mining logic, free of the wire and of any storage so it can be tested with a
+//! deterministic index and scorer: exclude (positives, duplicate texts, batch positives) and
+//! filter (rank window, score bounds, positive-aware margins, similarity to the positives)
+//! here; the cross-encoder thresholds in [`rerank`]; how deep to search in [`depth`]; the
+//! search/rerank loop that drives them in [`pipeline`]; choosing the negatives in [`sample`];
+//! a batch's options and outcome in [`request`].
+pub mod depth;
+pub mod pipeline;
+pub mod request;
+pub mod rerank;
 pub mod sample;
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::hash::{Hash, Hasher};
 use std::sync::Arc;
 
+pub use depth::DepthPlan;
+pub use request::{MineBatch, MineOutcome, MineParams, MineQuery, MinedNegative, QueryOutcome, StageTimings};
+pub use rerank::{RerankFilters, RerankState, Reranked};
 pub use sample::{Sampling, sample};
 
 /// Lowercased, whitespace-collapsed text: what "the same text" means for exclusion.
@@ -170,121 +179,6 @@ pub fn select(cands: &[Candidate], ctx: &QueryContext, f: &Filters, window_end: 
     sel
 }
 
-/// Cross-encoder options of a request.
-#[derive(Debug, Clone, PartialEq)]
-pub struct RerankFilters {
-    /// Survivors scored per round, best bi-encoder rank first.
-    pub candidates: usize,
-    /// Survivors scored per query over all rounds at most.
-    pub max_scored: usize,
-    pub max_score: Option<f32>,
-    pub relative_margin: Option<f32>,
-}
-
-/// One query's reranking so far: the cross-encoder scores already computed (kept across
-/// deeper searches, so no pair is scored twice) and how many survivors may be scored now.
-#[derive(Debug, Clone, Default)]
-pub struct RerankState {
-    pub scores: HashMap<u64, f32>,
-    pub budget: usize,
-    /// The lowest cross-encoder probability of the query's positives, when known.
-    pub positive_ce: Option<f32>,
-}
-
-#[derive(Debug, Clone, Default, PartialEq)]
-pub struct Reranked {
-    /// Scored survivors that passed, best cross-encoder probability first.
-    pub survivors: Vec<Survivor>,
-    pub dropped_score: u32,
-    pub dropped_margin: u32,
-}
-
-impl RerankState {
-    pub fn new(f: &RerankFilters) -> Self {
-        Self { scores: HashMap::new(), budget: f.candidates.min(f.max_scored), positive_ce: None }
-    }
-
-    /// Survivors within the budget that still need a cross-encoder score.
-    pub fn unscored(&self, sel: &Selection) -> Vec<u64> {
-        sel.survivors.iter().take(self.budget).map(|s| s.key).filter(|k| !self.scores.contains_key(k)).collect()
-    }
-
-    /// Applies the cross-encoder thresholds to the scored survivors within the budget.
-    pub fn apply(&self, sel: &Selection, f: &RerankFilters) -> Reranked {
-        let margin = match (self.positive_ce, f.relative_margin) {
-            (Some(p), Some(m)) => Some(p * (1.0 - m)),
-            _ => None,
-        };
-        let mut out = Reranked::default();
-        for s in sel.survivors.iter().take(self.budget) {
-            let Some(&ce) = self.scores.get(&s.key) else { continue };
-            if f.max_score.is_some_and(|m| ce >= m) {
-                out.dropped_score += 1;
-            } else if margin.is_some_and(|t| ce >= t) {
-                out.dropped_margin += 1;
-            } else {
-                out.survivors.push(Survivor { ce: Some(ce), ..*s });
-            }
-        }
-        out.survivors.sort_by(|a, b| b.order_score().total_cmp(&a.order_score()).then(a.rank.cmp(&b.rank)));
-        out
-    }
-
-    /// Widens the budget when too few passed and unscored survivors remain; false when the
-    /// only way to find more is a deeper search (or there is none).
-    pub fn widen(&mut self, sel: &Selection, passed: usize, wanted: usize, f: &RerankFilters) -> bool {
-        if passed >= wanted || sel.survivors.len() <= self.budget || self.scores.len() >= f.max_scored {
-            return false;
-        }
-        let room = f.max_scored - self.scores.len();
-        self.budget += f.candidates.max(wanted - passed).min(room).max(1);
-        true
-    }
-}
-
-/// How deep to look: rank window end, and how many hits to ask the index for (the window
-/// plus room for excluded candidates).
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub struct DepthPlan {
-    pub window_end: usize,
-    pub search_depth: usize,
-}
-
-impl DepthPlan {
-    pub fn initial(range_max: usize, exclusions: usize) -> Self {
-        Self { window_end: range_max, search_depth: range_max + exclusions + 8 }
-    }
-
-    /// The next search after `sel` came from a search that returned `returned` hits out of
-    /// `indexed` documents and left `have` usable negatives (survivors, or survivors that
-    /// passed the cross-encoder); `None` when the answer is final.
-    #[allow(clippy::too_many_arguments)]
-    pub fn next(
-        self,
-        sel: &Selection,
-        have: usize,
-        returned: usize,
-        indexed: usize,
-        wanted: usize,
-        adaptive: bool,
-        max_depth: usize,
-    ) -> Option<Self> {
-        let more_in_index = returned >= self.search_depth && self.search_depth < indexed;
-        // Exclusions ate the slack: same window, more hits, within a bound so a batch full of
-        // duplicates cannot pull the whole index into every query.
-        let depth_cap = max_depth.saturating_mul(4).max(self.window_end * 2);
-        if sel.ranked < self.window_end && more_in_index && self.search_depth < depth_cap {
-            return Some(Self { window_end: self.window_end, search_depth: (self.search_depth * 2).min(indexed).min(depth_cap) });
-        }
-        let window_full = sel.ranked >= self.window_end;
-        if have < wanted && adaptive && window_full && self.window_end < max_depth {
-            let window_end = (self.window_end * 2).min(max_depth);
-            let slack = self.search_depth.saturating_sub(self.window_end);
-            return Some(Self { window_end, search_depth: window_end + slack });
-        }
-        None
-    }
-}
 
 #[cfg(test)]
 mod tests {
@@ -375,33 +269,6 @@ mod tests {
     }
 
     #[test]
-    fn adaptive_depth_searches_deeper_until_enough_or_capped() {
-        let c = cands(100);
-        let ctx = QueryContext { positive_score: Some(1.0), ..Default::default() };
-        let f = Filters { absolute_margin: Some(0.245), ..filters() }; // keys >= 25 survive
-        let run = |adaptive: bool, max_depth: usize| {
-            let mut plan = DepthPlan::initial(10, 0);
-            loop {
-                let hits = &c[..plan.search_depth.min(c.len())];
-                let sel = select(hits, &ctx, &f, plan.window_end);
-                match plan.next(&sel, sel.survivors.len(), hits.len(), c.len(), 5, adaptive, max_depth) {
-                    Some(next) => plan = next,
-                    None => return (sel, plan),
-                }
-            }
-        };
-        let (sel, plan) = run(true, 1000);
-        assert_eq!(plan.window_end, 40, "10 -> 20 -> 40");
-        assert_eq!(keys(&sel)[..5], [25, 26, 27, 28, 29]);
-        let (sel, plan) = run(false, 1000);
-        assert!(sel.survivors.is_empty());
-        assert_eq!(plan.window_end, 10);
-        let (sel, plan) = run(true, 20);
-        assert!(sel.survivors.is_empty(), "capped at max_depth");
-        assert_eq!(plan.window_end, 20);
-    }
-
-    #[test]
     fn positive_neighbourhood_drops_candidates_close_to_a_positive() {
         let mut c = cands(10);
         // Similarity to the nearest positive: key i -> 0.95 - i/10.
@@ -423,115 +290,5 @@ mod tests {
         assert_eq!(sel.dropped.positive_similarity, 2);
         assert_eq!(keys(&sel), vec![4, 5, 6, 7, 8, 9]);
         assert!(select(&c, &QueryContext::default(), &filters(), 10).dropped.positive_similarity == 0, "off by default");
-    }
-
-    /// A deterministic cross-encoder: key k scores ce(k).
-    fn ce(k: u64) -> f32 {
-        [0.9, 0.2, 0.05, 0.6, 0.3, 0.01, 0.8, 0.4, 0.15, 0.5][k as usize % 10]
-    }
-
-    fn rerank_filters(candidates: usize) -> RerankFilters {
-        RerankFilters { candidates, max_scored: 100, max_score: None, relative_margin: None }
-    }
-
-    /// Scores what the state asks for, as the engine does, until nothing is left to score.
-    fn score_all(state: &mut RerankState, sel: &Selection, f: &RerankFilters, wanted: usize) -> Reranked {
-        loop {
-            for k in state.unscored(sel) {
-                state.scores.insert(k, ce(k));
-            }
-            let passed = state.apply(sel, f).survivors.len();
-            if !state.widen(sel, passed, wanted, f) {
-                return state.apply(sel, f);
-            }
-        }
-    }
-
-    #[test]
-    fn rerank_scores_the_best_ranked_survivors_and_orders_by_the_cross_encoder() {
-        let sel = select(&cands(10), &QueryContext::default(), &filters(), 10);
-        let f = rerank_filters(5);
-        let mut state = RerankState::new(&f);
-        assert_eq!(state.unscored(&sel), vec![0, 1, 2, 3, 4], "the first rerank_candidates survivors");
-        let r = score_all(&mut state, &sel, &f, 3);
-        assert_eq!(state.scores.len(), 5, "enough passed: nothing deeper scored");
-        assert_eq!(r.survivors.iter().map(|s| s.key).collect::<Vec<_>>(), vec![0, 3, 4, 1, 2]);
-        assert_eq!(r.survivors[1].ce, Some(0.6));
-        assert_eq!(r.survivors[1].score, 0.97, "the bi-encoder score is kept");
-        assert_eq!(r.survivors[1].rank, 3);
-    }
-
-    #[test]
-    fn rerank_thresholds_alone_and_combined() {
-        let sel = select(&cands(10), &QueryContext::default(), &filters(), 10);
-        let run = |max_score, relative_margin, positive_ce| {
-            let f = RerankFilters { candidates: 10, max_scored: 100, max_score, relative_margin };
-            let mut state = RerankState::new(&f);
-            state.positive_ce = positive_ce;
-            let r = score_all(&mut state, &sel, &f, 1);
-            let mut kept: Vec<u64> = r.survivors.iter().map(|s| s.key).collect();
-            kept.sort_unstable();
-            (kept, r.dropped_score, r.dropped_margin)
-        };
-        // RocketQA-style absolute threshold: drop ce >= 0.5.
-        assert_eq!(run(Some(0.5), None, None), (vec![1, 2, 4, 5, 7, 8], 4, 0));
-        // Relative to the positive's 0.5: drop ce >= 0.5 * (1 - 0.2) = 0.4.
-        assert_eq!(run(None, Some(0.2), Some(0.5)), (vec![1, 2, 4, 5, 8], 0, 5));
-        // Without a positive score the margin does nothing.
-        assert_eq!(run(None, Some(0.2), None).0.len(), 10);
-        // Both: the absolute threshold is counted first.
-        assert_eq!(run(Some(0.7), Some(0.5), Some(0.6)), (vec![1, 2, 5, 8], 2, 4));
-    }
-
-    #[test]
-    fn rerank_scores_deeper_then_searches_deeper_when_the_filter_leaves_too_few() {
-        // 40 candidates; the cross-encoder passes only keys with ce < 0.1 (k % 10 in {2, 5}).
-        let c = cands(40);
-        let f = RerankFilters { candidates: 4, max_scored: 100, max_score: Some(0.1), relative_margin: None };
-        let mut plan = DepthPlan::initial(10, 0);
-        let mut state = RerankState::new(&f);
-        let mut searches = 0;
-        let (sel, r) = loop {
-            searches += 1;
-            let hits = &c[..plan.search_depth.min(c.len())];
-            let sel = select(hits, &QueryContext::default(), &filters(), plan.window_end);
-            let r = score_all(&mut state, &sel, &f, 5);
-            match plan.next(&sel, r.survivors.len(), hits.len(), c.len(), 5, true, 1000) {
-                Some(next) => plan = next,
-                None => break (sel, r),
-            }
-        };
-        assert_eq!(r.survivors.iter().map(|s| s.key).collect::<Vec<_>>(), vec![2, 12, 22, 5, 15], "hardest (highest probability) first, rank order on ties");
-        assert_eq!(plan.window_end, 40, "10 -> 20 -> 40");
-        assert!(searches >= 3);
-        assert_eq!(state.scores.len(), sel.survivors.len().min(state.budget));
-        assert_eq!(r.dropped_score as usize + r.survivors.len(), state.scores.len());
-        // Never more than max_scored pairs per query.
-        let capped = RerankFilters { max_scored: 6, ..f.clone() };
-        let mut state = RerankState::new(&capped);
-        let sel = select(&c, &QueryContext::default(), &filters(), 40);
-        let r = score_all(&mut state, &sel, &capped, 5);
-        assert_eq!(state.scores.len(), 6);
-        assert_eq!(r.survivors.iter().map(|s| s.key).collect::<Vec<_>>(), vec![2, 5]);
-    }
-
-    #[test]
-    fn deeper_search_when_exclusions_eat_the_slack() {
-        let c = cands(100);
-        let ctx = QueryContext { positive_keys: (0..30).collect(), ..Default::default() };
-        let mut plan = DepthPlan::initial(5, 0); // asks for 13 hits: all positives
-        let mut rounds = 0;
-        let sel = loop {
-            rounds += 1;
-            let hits = &c[..plan.search_depth.min(c.len())];
-            let sel = select(hits, &ctx, &filters(), plan.window_end);
-            match plan.next(&sel, sel.survivors.len(), hits.len(), c.len(), 5, false, 1000) {
-                Some(next) => plan = next,
-                None => break sel,
-            }
-        };
-        assert_eq!(keys(&sel), vec![30, 31, 32, 33, 34]);
-        assert_eq!(plan.window_end, 5);
-        assert!(rounds >= 3);
     }
 }

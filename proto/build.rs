@@ -1,9 +1,9 @@
-//! Compiles the wire contract with protox (pure Rust, no `protoc`), and keeps the encoded
-//! descriptor set for gRPC server reflection.
+//! Compiles the wire contract once, with protox (pure Rust, no `protoc`): message types,
+//! server and client stubs, and the encoded descriptor set for gRPC server reflection.
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../proto");
+    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
     let file = proto_root.join("hardneg/v1/hardneg.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     let fds = protox::compile([&file], [&proto_root])?;
