@@ -346,10 +346,12 @@ mod tests {
             let probes: Vec<(Vec<f32>, usize)> = vs.iter().map(|v| (v.clone(), 3)).collect();
             let hits = index.search(probes).await.unwrap();
             // Exact search always finds the vector itself. HNSW built by parallel workers is
-            // approximate: on these tight clusters it misses 0 to 8 of 5000 (measured).
+            // approximate: on these tight clusters it misses 0 to 8 of 5000 on an idle machine,
+            // and up to 58 (1.2%) measured with the cores oversubscribed, where the workers'
+            // inserts interleave differently. Allow 2%.
             let found: Vec<bool> = hits.iter().enumerate().map(|(k, h)| h[0].key == k as u64).collect();
             let misses = found.iter().filter(|f| !**f).count();
-            let allowed = if exact_below == usize::MAX { 0 } else { 25 };
+            let allowed = if exact_below == usize::MAX { 0 } else { 100 };
             assert!(misses <= allowed, "{quant:?}: {misses} of 5000 vectors are not their own nearest neighbour");
             for (h, _) in hits.iter().zip(&found).filter(|(_, f)| **f) {
                 assert!((h[0].score - 1.0).abs() < 0.02, "{quant:?}: self-similarity {}", h[0].score);
