@@ -341,3 +341,80 @@ async fn refresh_to_the_resaved_model_runs_under_load() {
     }
     server.stop(Duration::from_secs(30));
 }
+
+/// Mine's scores for query `q` against every document, as (id, score).
+async fn scores(client: &mut hardneg_client::Client, collection: &str, text: &str, n: usize) -> Vec<(usize, f32)> {
+    let req = proto::MineRequest {
+        collection: collection.into(),
+        queries: vec![proto::Query { text: text.into(), ..Default::default() }],
+        options: Some(proto::MineOptions { num_negatives: n as u32, range_max: Some(n as u32), seed: Some(1), ..Default::default() }),
+        ..Default::default()
+    };
+    let resp = client.mine(req).await.unwrap();
+    resp.results[0].negatives.iter().map(|n| (n.id[1..].parse().unwrap(), n.score)).collect()
+}
+
+/// A collection's prompts: the model's own by default, or its own set at creation; shown by
+/// GetCollection and `hardneg status`; part of the fingerprint, so a model whose prompts
+/// change under a collection that used them refuses text queries.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn collection_prompts_override_the_models_and_count_in_the_fingerprint() {
+    let tmp = tempfile::tempdir().unwrap();
+    let model = tmp.path().join("model");
+    copy_tree(&fixtures().join("bert-mean-prompts"), &model);
+    let expected: Value = serde_json::from_slice(&std::fs::read(model.join("expected.json")).unwrap()).unwrap();
+    let texts = texts(&expected);
+    let data = tmp.path().join("data");
+    let server = Server::start_with_model(&data, &model, &[]).await;
+    let mut client = server.client().await;
+    let own = client.create(proto::CreateCollectionRequest { name: "own".into(), ..Default::default() }).await.unwrap();
+    let plain = client
+        .create(proto::CreateCollectionRequest {
+            name: "plain".into(),
+            query_prompt: Some(String::new()),
+            document_prompt: Some(String::new()),
+            ..Default::default()
+        })
+        .await
+        .unwrap();
+    assert_eq!((own.query_prompt.as_str(), own.document_prompt.as_str()), ("query: ", "passage: "));
+    assert_eq!((plain.query_prompt.as_str(), plain.document_prompt.as_str()), ("", ""));
+    assert_ne!(own.encoder_fingerprint, plain.encoder_fingerprint, "the prompts are part of the fingerprint");
+    let docs: Vec<proto::Document> = texts.iter().enumerate().filter(|(_, t)| !t.trim().is_empty()).map(|(i, t)| doc(i, t)).collect();
+    let n = docs.len();
+    for c in ["own", "plain"] {
+        client.upsert(c, futures::stream::iter([docs.clone()])).await.unwrap();
+    }
+    let side = |key: &str| matrix(&expected[key]["embeddings"]);
+    let (q, d, e) = (side("encode_query"), side("encode_document"), side("encode"));
+    for (collection, queries, documents) in [("own", &q, &d), ("plain", &e, &e)] {
+        for (j, score) in scores(&mut client, collection, &texts[1], n).await {
+            let want = cos(&queries[1], &documents[j]);
+            assert!((score - want).abs() < TOLERANCE, "{collection}: doc {j}: {score} vs {want}");
+        }
+    }
+    let out = std::process::Command::new(bin("hardneg")).args(["--addr", &server.addr, "status"]).output().unwrap();
+    let status = String::from_utf8_lossy(&out.stdout);
+    assert!(status.contains(r#""query_prompt":"query: ""#) && status.contains(r#""document_prompt":"passage: ""#), "{status}");
+    server.stop(Duration::from_secs(30));
+
+    // The model's query prompt changes: "own" was encoded with the old one and refuses text
+    // queries; "plain" set its own prompts and still answers.
+    let config = model.join("config_sentence_transformers.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&config).unwrap()).unwrap();
+    v["prompts"]["query"] = "search query: ".into();
+    std::fs::write(&config, v.to_string()).unwrap();
+    let server = Server::start_with_model(&data, &model, &[]).await;
+    let mut client = server.client().await;
+    let req = |c: &str| proto::MineRequest {
+        collection: c.into(),
+        queries: vec![proto::Query { text: texts[1].clone(), ..Default::default() }],
+        options: Some(proto::MineOptions { num_negatives: 2, ..Default::default() }),
+        ..Default::default()
+    };
+    let refused = client.mine(req("own")).await.unwrap_err();
+    assert_eq!(refused.code(), Some(tonic::Code::FailedPrecondition), "{refused}");
+    assert!(refused.to_string().contains("prompts included"), "{refused}");
+    assert_eq!(client.mine(req("plain")).await.unwrap().results[0].negatives.len(), 2);
+    server.stop(Duration::from_secs(30));
+}

@@ -31,8 +31,16 @@ pub enum Command {
     Create {
         #[arg(long)]
         collection: String,
+        #[arg(long, value_enum, default_value_t = MetricArg::Cosine)]
+        metric: MetricArg,
         #[arg(long, value_enum, default_value_t = Quant::F32)]
         quantization: Quant,
+        /// Prompt for query texts in place of the model's own ("" for none).
+        #[arg(long)]
+        query_prompt: Option<String>,
+        /// Prompt for document and positive texts in place of the model's own ("" for none).
+        #[arg(long)]
+        document_prompt: Option<String>,
     },
     /// Ingest a BEIR corpus.jsonl ({"_id","title","text"}); the encoded text is title + " " + text.
     Ingest {
@@ -150,6 +158,12 @@ pub struct BenchFlags {
     /// With --stream: batches each stream keeps in flight.
     #[arg(long, default_value_t = 2)]
     pub window: usize,
+}
+
+#[derive(Clone, Copy, ValueEnum)]
+pub enum MetricArg {
+    Cosine,
+    Ip,
 }
 
 #[derive(Clone, Copy, ValueEnum)]

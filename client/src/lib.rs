@@ -135,7 +135,13 @@ impl Client {
             name: name.into(),
             metric: proto::Metric::Cosine as i32,
             quantization: quantization as i32,
+            ..Default::default()
         };
+        self.create(req).await
+    }
+
+    /// Creates a collection with every option of the request (metric, prompts).
+    pub async fn create(&mut self, req: proto::CreateCollectionRequest) -> Result<proto::CollectionInfo> {
         Ok(self.miner.create_collection(req).await?.into_inner())
     }
 

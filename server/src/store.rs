@@ -61,6 +61,26 @@ pub struct EncoderRef {
     /// The checkpoint directory, for `Checkpoint`.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub dir: Option<String>,
+    /// The prompts the vectors were encoded with (none for trainer vectors).
+    #[serde(default, skip_serializing_if = "PromptOverrides::is_empty")]
+    pub prompts: PromptOverrides,
+}
+
+/// Prompts by side. In a collection's manifest: what the collection sets in place of its
+/// encoder's own (`None`: the encoder's; `Some("")`: no prompt). In a generation's encoder:
+/// the prompts in force when its vectors were made.
+#[derive(Debug, Clone, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PromptOverrides {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub query: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub document: Option<String>,
+}
+
+impl PromptOverrides {
+    pub fn is_empty(&self) -> bool {
+        self.query.is_none() && self.document.is_none()
+    }
 }
 
 /// A generation: the vectors of the collection's documents under one encoder.
@@ -91,6 +111,9 @@ pub struct CollectionMeta {
     pub version: u64,
     pub doc_count: u64,
     pub created_at_unix: u64,
+    /// Prompts set at creation in place of the encoder's own.
+    #[serde(default, skip_serializing_if = "PromptOverrides::is_empty")]
+    pub prompts: PromptOverrides,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -466,13 +489,20 @@ mod tests {
             version: 0,
             doc_count: 0,
             created_at_unix: 0,
+            prompts: Default::default(),
         }
     }
 
     fn generation(number: u64, name: &str) -> GenerationMeta {
         GenerationMeta {
             number,
-            encoder: EncoderRef { kind: EncoderKind::Server, name: name.into(), fingerprint: "fp".into(), dir: None },
+            encoder: EncoderRef {
+                kind: EncoderKind::Server,
+                name: name.into(),
+                fingerprint: "fp".into(),
+                dir: None,
+                prompts: Default::default(),
+            },
             dims: 2,
             created_at_unix: 0,
         }

@@ -88,6 +88,15 @@ def test_collections_documents_and_their_errors(miner: hardneg.Miner, cranfield:
     with pytest.raises(ValueError, match="quantization"):
         miner.create("x", quantization="f8")
 
+    # Prompts in place of the model's own (all-MiniLM-L6-v2 has none): recorded and shown.
+    prompted = miner.create("prompted", query_prompt="query: ", document_prompt="")
+    assert (prompted.query_prompt, prompted.document_prompt) == ("query: ", "")
+    assert prompted.encoder_fingerprint != miner.get("small").encoder_fingerprint
+    assert miner.drop("prompted") is True
+    with pytest.raises(hardneg.InvalidArgument) as e:
+        miner.create("long", query_prompt="q" * 1_000_000)
+    assert "query_prompt" in e.value.details
+
     assert miner.drop("small") is True
     with pytest.raises(hardneg.NotFound):
         miner.get("small")

@@ -1,6 +1,6 @@
 //! CreateCollection, GetCollection, ListCollections, DropCollection.
 use super::status::Refusal;
-use super::validate::validate_name;
+use super::validate::{validate_name, validate_prompts};
 use super::{MinerService, convert};
 use crate::proto as pb;
 
@@ -9,7 +9,8 @@ impl MinerService {
         validate_name("name", &req.name)?;
         let metric = convert::metric(req.metric)?;
         let quantization = convert::quantization(req.quantization)?;
-        Ok(convert::collection_info(self.engine.create(&req.name, metric, quantization).await?))
+        let prompts = validate_prompts(&req, self.cfg.limits.max_text_chars)?;
+        Ok(convert::collection_info(self.engine.create(&req.name, metric, quantization, prompts).await?))
     }
 
     pub(super) async fn get_collection(&self, req: pb::GetCollectionRequest) -> Result<pb::CollectionInfo, Refusal> {

@@ -93,6 +93,8 @@ pub fn collection_info(s: CollectionSummary) -> pb::CollectionInfo {
         pending_documents: s.pending_documents,
         building_generation: s.building_generation,
         refresh: s.refresh.as_ref().map(refresh_progress),
+        query_prompt: s.prompts.query.clone().unwrap_or_default(),
+        document_prompt: s.prompts.document.clone().unwrap_or_default(),
     }
 }
 

@@ -7,7 +7,7 @@ use crate::config::{Config, LimitsConfig};
 use crate::error::{Error, Result};
 use crate::mine::{Filters, MineParams, RerankFilters, Sampling};
 use crate::proto as pb;
-use crate::store::StoredDoc;
+use crate::store::{PromptOverrides, StoredDoc};
 
 /// 1-64 characters of letters, digits, '_', '-', '.', not starting with '.'.
 pub fn validate_name(field: &str, name: &str) -> Result<()> {
@@ -21,6 +21,19 @@ pub fn validate_name(field: &str, name: &str) -> Result<()> {
         return Err(Error::invalid(field, format!("{name:?} may hold only letters, digits, '_', '-', '.' and must not start with '.'")));
     }
     Ok(())
+}
+
+/// A CreateCollection's prompts: each at most `limit` characters ("" is no prompt).
+pub fn validate_prompts(req: &pb::CreateCollectionRequest, limit: usize) -> Result<PromptOverrides> {
+    for (field, p) in [("query_prompt", &req.query_prompt), ("document_prompt", &req.document_prompt)] {
+        if let Some(p) = p {
+            let chars = p.chars().count();
+            if chars > limit {
+                return Err(Error::invalid(field, format!("is {chars} characters long, the limit is {limit}")));
+            }
+        }
+    }
+    Ok(PromptOverrides { query: req.query_prompt.clone(), document: req.document_prompt.clone() })
 }
 
 fn check_text(field: &str, text: &str, limit: usize) -> Result<()> {
@@ -295,10 +308,17 @@ pub fn resolve_checkpoint(dir: &str, root: &Path) -> Result<PathBuf> {
     if path.components().any(|c| matches!(c, std::path::Component::ParentDir)) {
         return Err(Error::invalid(field, format!("{dir:?} contains \"..\"")));
     }
+    let configured = root;
     let root = root
         .canonicalize()
         .map_err(|e| Error::FailedPrecondition(format!("encoder.models_root {}: {e}", root.display())))?;
     let joined = if path.is_absolute() { path.to_path_buf() } else { root.join(path) };
+    // A relative path that already starts with the models root as configured (e.g.
+    // "models/step-2000" with models_root "models") names the same directory.
+    let joined = match path.strip_prefix(configured) {
+        Ok(rest) if path.is_relative() && !joined.exists() && !rest.as_os_str().is_empty() => root.join(rest),
+        _ => joined,
+    };
     let resolved = joined.canonicalize().map_err(|e| Error::invalid(field, format!("{}: {e}", joined.display())))?;
     if !resolved.starts_with(&root) || resolved == root {
         return Err(Error::invalid(field, format!("{} is not under encoder.models_root ({})", resolved.display(), root.display())));
@@ -412,6 +432,7 @@ mod tests {
         let models = root.path().join("models");
         let ok = resolve_checkpoint("step-1", &models).unwrap();
         assert_eq!(ok, models.join("step-1").canonicalize().unwrap());
+
         assert_eq!(resolve_checkpoint(models.join("step-1").to_str().unwrap(), &models).unwrap(), ok, "absolute inside is fine");
         #[cfg(unix)]
         std::os::unix::fs::symlink(root.path().join("elsewhere"), models.join("link")).unwrap();
@@ -420,5 +441,20 @@ mod tests {
         }
         let outside = root.path().join("elsewhere");
         assert!(resolve_checkpoint(outside.to_str().unwrap(), &models).is_err());
+    }
+
+    /// `hardneg refresh --encoder models/step-2 ` with models_root "models": the path already
+    /// starts with the root as configured, and is taken as meant.
+    #[test]
+    fn a_path_that_repeats_a_relative_models_root_is_taken_as_meant() {
+        let here = tempfile::tempdir_in(".").unwrap();
+        let name = here.path().file_name().unwrap().to_str().unwrap().to_string();
+        std::fs::create_dir_all(here.path().join("models/step-2")).unwrap();
+        let root = Path::new(&name).join("models");
+        let want = here.path().join("models/step-2").canonicalize().unwrap();
+        assert_eq!(resolve_checkpoint("step-2", &root).unwrap(), want);
+        assert_eq!(resolve_checkpoint(&format!("{name}/models/step-2"), &root).unwrap(), want);
+        assert!(resolve_checkpoint(&format!("{name}/models/missing"), &root).is_err());
+        assert!(resolve_checkpoint(&format!("{name}/models"), &root).is_err(), "the root itself is no checkpoint");
     }
 }

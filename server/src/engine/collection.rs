@@ -8,11 +8,11 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use parking_lot::RwLock;
 
 use super::progress::RefreshJob;
-use crate::encode::Encoder;
+use crate::encode::{Encoder, EncoderInfo, Prompts};
 use crate::error::{Error, Result};
 use crate::index::{Metric, Quantization, VectorIndex};
 use crate::mine::{self, TextHashes};
-use crate::store::{CollectionMeta, GenerationMeta, StoredDoc};
+use crate::store::{CollectionMeta, GenerationMeta, PromptOverrides, StoredDoc};
 
 /// What the engine keeps in memory per document.
 #[derive(Debug, Clone)]
@@ -55,6 +55,24 @@ pub(super) fn doc_hashes(doc: &StoredDoc) -> TextHashes {
     if doc.text.trim().is_empty() { [full, full] } else { [mine::text_hash(&doc.text), full] }
 }
 
+/// The prompts in force for vectors made by `encoder` in a collection that sets `overrides`:
+/// each side's override, else the encoder's own prompt.
+pub(super) fn prompts_in_force(overrides: &PromptOverrides, encoder: &EncoderInfo) -> Prompts {
+    Prompts {
+        query: overrides.query.clone().or_else(|| encoder.prompts.query.clone()),
+        document: overrides.document.clone().or_else(|| encoder.prompts.document.clone()),
+    }
+}
+
+/// Prompts as a generation's manifest records them (empty ones left out).
+pub(super) fn recorded(prompts: &Prompts) -> PromptOverrides {
+    use crate::encode::TextKind;
+    PromptOverrides {
+        query: prompts.get(TextKind::Query).map(str::to_string),
+        document: prompts.get(TextKind::Document).map(str::to_string),
+    }
+}
+
 /// One generation in memory: its manifest, its index, and the encoder that turns text into
 /// its vector space (none for trainer vectors, or when the encoder cannot be loaded).
 pub(super) struct Generation {
@@ -63,6 +81,8 @@ pub(super) struct Generation {
     pub(super) encoder: Option<Encoder>,
     /// Why text cannot be encoded for this generation, when `encoder` is None.
     pub(super) no_text: String,
+    /// The prompts its texts are encoded with (the collection's, else the encoder's own).
+    pub(super) prompts: Prompts,
 }
 
 impl Generation {

@@ -108,9 +108,7 @@ async fn encode_inputs(current: &Generation, queries: &[MineQuery]) -> Result<En
     let mut encoded = if texts.is_empty() {
         Vec::new().into_iter()
     } else {
-        let encoder = current.text_encoder()?;
-        let prompts = encoder.info().prompts.clone();
-        encoder.encode_as(texts, &prompts).await?.into_iter()
+        current.text_encoder()?.encode_as(texts, &current.prompts).await?.into_iter()
     };
     let seconds = started.elapsed().as_secs_f64();
     let dims = current.dims();

@@ -5,11 +5,11 @@
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
-use super::collection::{Collection, DocTable, Generation};
+use super::collection::{Collection, DocTable, Generation, prompts_in_force};
 use super::Engine;
-use crate::encode::{BatchConfig, EncodeError, Encoder, Placement};
+use crate::encode::{BatchConfig, EncodeError, Encoder, Placement, Prompts};
 use crate::index::{Metric, Quantization};
-use crate::store::{CollectionMeta, EncoderKind, GenerationMeta};
+use crate::store::{CollectionMeta, EncoderKind, GenerationMeta, PromptOverrides};
 
 impl Engine {
     /// Loads every collection of the store into the registry.
@@ -40,36 +40,47 @@ impl Engine {
         Encoder::load_on(dir, cfg.max_tokens, batch, placement)
     }
 
-    /// The encoder that can encode text for a generation, or why none can.
-    fn generation_encoder(&self, collection: &str, g: &GenerationMeta) -> (Option<Encoder>, String) {
+    /// The encoder that can encode text for a generation, with the prompts in force, or why
+    /// none can. The fingerprint covers the prompts: a model whose own prompts changed since
+    /// the vectors were made is a mismatch like any other.
+    fn generation_encoder(&self, collection: &str, overrides: &PromptOverrides, g: &GenerationMeta) -> (Option<Encoder>, String, Prompts) {
         let short = |fp: &str| fp[..12.min(fp.len())].to_string();
         match g.encoder.kind {
             EncoderKind::Server => {
                 let info = self.encoder.info();
-                if info.fingerprint == g.encoder.fingerprint {
-                    (Some(self.encoder.clone()), String::new())
+                let prompts = prompts_in_force(overrides, info);
+                let fingerprint = info.fingerprint_for(&prompts);
+                if fingerprint == g.encoder.fingerprint {
+                    (Some(self.encoder.clone()), String::new(), prompts)
                 } else {
                     (None, format!(
-                        "collection {collection:?} was encoded with encoder {} ({}), the server runs {} ({}): text cannot be encoded for it; send query vectors or refresh it",
-                        g.encoder.name, short(&g.encoder.fingerprint), info.name, short(&info.fingerprint)
-                    ))
+                        "collection {collection:?} was encoded with encoder {} ({}), the server runs {} ({}, prompts included): text cannot be encoded for it; send query vectors or refresh it",
+                        g.encoder.name, short(&g.encoder.fingerprint), info.name, short(&fingerprint)
+                    ), Prompts::default())
                 }
             }
             EncoderKind::Checkpoint => {
                 let dir = PathBuf::from(g.encoder.dir.clone().unwrap_or_default());
                 match self.checkpoint_encoder(&dir) {
-                    Ok(e) if e.info().fingerprint == g.encoder.fingerprint => (Some(e), String::new()),
-                    Ok(e) => (None, format!(
-                        "collection {collection:?} generation {} was encoded with the checkpoint in {} ({}), which now holds {}: text cannot be encoded for it; send query vectors or refresh it",
-                        g.number, dir.display(), short(&g.encoder.fingerprint), short(&e.info().fingerprint)
-                    )),
+                    Ok(e) => {
+                        let prompts = prompts_in_force(overrides, e.info());
+                        let fingerprint = e.info().fingerprint_for(&prompts);
+                        if fingerprint == g.encoder.fingerprint {
+                            (Some(e), String::new(), prompts)
+                        } else {
+                            (None, format!(
+                                "collection {collection:?} generation {} was encoded with the checkpoint in {} ({}), which now holds {} (prompts included): text cannot be encoded for it; send query vectors or refresh it",
+                                g.number, dir.display(), short(&g.encoder.fingerprint), short(&fingerprint)
+                            ), Prompts::default())
+                        }
+                    }
                     Err(err) => (None, format!(
                         "collection {collection:?} generation {}: its encoder checkpoint cannot be loaded ({err}): send query vectors or refresh it",
                         g.number
-                    )),
+                    ), Prompts::default()),
                 }
             }
-            EncoderKind::Trainer => (None, trainer_no_text(collection, g)),
+            EncoderKind::Trainer => (None, trainer_no_text(collection, g), Prompts::default()),
         }
     }
 
@@ -78,7 +89,7 @@ impl Engine {
             .ok_or_else(|| anyhow::anyhow!("collection {}: unknown metric {:?}", meta.name, meta.metric))?;
         let quantization = Quantization::parse(&meta.quantization)
             .ok_or_else(|| anyhow::anyhow!("collection {}: unknown quantization {:?}", meta.name, meta.quantization))?;
-        let (encoder, no_text) = self.generation_encoder(&meta.name, &meta.current);
+        let (encoder, no_text, prompts) = self.generation_encoder(&meta.name, &meta.prompts, &meta.current);
         if encoder.is_none() && meta.current.encoder.kind != EncoderKind::Trainer {
             tracing::warn!("{no_text}");
         }
@@ -88,7 +99,7 @@ impl Engine {
         }
         let (index, vectors) = self.load_index(&meta, metric, quantization)?;
         docs.pending = docs.by_key.keys().filter(|k| !vectors.contains(k)).copied().collect();
-        let generation = Generation { meta: meta.current.clone(), index, encoder, no_text };
+        let generation = Generation { meta: meta.current.clone(), index, encoder, no_text, prompts };
         Ok(Collection::new(meta, metric, quantization, generation, docs))
     }
 }

@@ -15,10 +15,10 @@ use std::time::Instant;
 
 use tokio::sync::watch;
 
-use super::collection::{Collection, Generation};
+use super::collection::{Collection, Generation, prompts_in_force, recorded};
 use super::progress::{RefreshJob, RefreshPhase, RefreshProgress};
 use super::{Engine, blocking, now_unix};
-use crate::encode::Encoder;
+use crate::encode::{Encoder, Prompts, TextKind};
 use crate::error::{Error, Result};
 use crate::index::VectorIndex;
 use crate::store::{CollectionMeta, EncoderKind, EncoderRef, GenerationMeta, StoreError};
@@ -63,6 +63,8 @@ struct Job {
     coll: Arc<Collection>,
     generation: GenerationMeta,
     encoder: Encoder,
+    /// The prompts the new generation is encoded with.
+    prompts: Prompts,
     progress: watch::Sender<RefreshProgress>,
     cancelled: Arc<AtomicBool>,
     started: Instant,
@@ -80,17 +82,18 @@ impl Engine {
             .map_err(|e| Error::Internal(format!("loading the checkpoint: {e}")))?
             .map_err(|e| Error::invalid("encoder_dir", e.to_string()))?;
         let info = encoder.info().clone();
-        let (name, number, total) = {
+        let (name, number, total, prompts) = {
             let meta = coll.meta.read();
-            (meta.name.clone(), meta.current.number + 1, meta.doc_count)
+            (meta.name.clone(), meta.current.number + 1, meta.doc_count, prompts_in_force(&meta.prompts, &info))
         };
         let generation = GenerationMeta {
             number,
             encoder: EncoderRef {
                 kind: EncoderKind::Checkpoint,
                 name: info.name.clone(),
-                fingerprint: info.fingerprint.clone(),
+                fingerprint: info.fingerprint_for(&prompts),
                 dir: Some(dir.display().to_string()),
+                prompts: recorded(&prompts),
             },
             dims: info.dims as u32,
             created_at_unix: now_unix(),
@@ -99,7 +102,7 @@ impl Engine {
         let cancelled = Arc::new(AtomicBool::new(false));
         self.begin_job(coll, &generation, RefreshJob::new(rx.clone(), cancelled.clone()), &cancelled).await?;
         tracing::info!(collection = %name, generation = number, encoder = %info.name, "re-encode refresh started");
-        let job = Job { coll: coll.clone(), generation, encoder, progress: tx, cancelled, started: Instant::now() };
+        let job = Job { coll: coll.clone(), generation, encoder, prompts, progress: tx, cancelled, started: Instant::now() };
         let this = self.clone();
         tokio::spawn(async move { this.run_job(job).await });
         Ok(rx)
@@ -208,7 +211,7 @@ impl Engine {
             if job.cancelled.load(Ordering::Acquire) {
                 return Err(Error::Cancelled);
             }
-            done.extend(self.encode_into(coll, number, chunk, &job.encoder, &index).await?);
+            done.extend(self.encode_into(coll, number, chunk, job, &index).await?);
             let elapsed = job.started.elapsed().as_secs_f64();
             metrics::gauge!(crate::metrics::REFRESH_PROGRESS, "collection" => name.clone())
                 .set(done.len() as f64 / keys.len().max(1) as f64);
@@ -230,7 +233,7 @@ impl Engine {
         let mut added: Vec<u64> = live.difference(&done).copied().collect();
         added.sort_unstable();
         for chunk in added.chunks(CHUNK) {
-            self.encode_into(coll, number, chunk, &job.encoder, &index).await?;
+            self.encode_into(coll, number, chunk, job, &index).await?;
         }
         let gone: Vec<u64> = done.difference(&live).copied().collect();
         index.remove(gone).await?;
@@ -238,7 +241,13 @@ impl Engine {
             return Err(Error::Cancelled);
         }
         let (meta, index) = self.commit_generation(&name, number, index).await?;
-        let generation = Generation { meta: job.generation.clone(), index, encoder: Some(job.encoder.clone()), no_text: String::new() };
+        let generation = Generation {
+            meta: job.generation.clone(),
+            index,
+            encoder: Some(job.encoder.clone()),
+            no_text: String::new(),
+            prompts: job.prompts.clone(),
+        };
         coll.swap(meta, generation);
         self.remove_old_generations(&name, number);
         Ok(())
@@ -246,15 +255,15 @@ impl Engine {
 
     /// Encodes the documents of `keys` still in the store, writes their vectors into
     /// generation `number` and adds them to `index`; returns the keys written.
-    async fn encode_into(&self, coll: &Collection, number: u64, keys: &[u64], encoder: &Encoder, index: &VectorIndex) -> Result<Vec<u64>> {
+    async fn encode_into(&self, coll: &Collection, number: u64, keys: &[u64], job: &Job, index: &VectorIndex) -> Result<Vec<u64>> {
         let name = &coll.live_name()?;
         let store = self.store.clone();
         let (n, k) = (name.to_string(), keys.to_vec());
         let docs = blocking(move || Ok(store.docs(&n, &k)?)).await?;
         let mut keys: Vec<u64> = docs.keys().copied().collect();
         keys.sort_unstable();
-        let texts: Vec<String> = keys.iter().map(|k| docs[k].encoded_text()).collect();
-        let vectors = encoder.encode(texts).await?;
+        let texts: Vec<(TextKind, String)> = keys.iter().map(|k| (TextKind::Document, docs[k].encoded_text())).collect();
+        let vectors = job.encoder.encode_as(texts, &job.prompts).await?;
         let rows: Vec<(u64, Vec<f32>)> = keys.iter().copied().zip(vectors).collect();
         // A collection dropped while this chunk was encoding is not written to (its name may
         // belong to a new one by now).

@@ -2,12 +2,12 @@
 //! the per-collection gauges.
 use std::sync::Arc;
 
-use super::collection::{Collection, DocTable, Generation};
+use super::collection::{Collection, DocTable, Generation, prompts_in_force, recorded};
 use super::progress::{RefreshJob, RefreshProgress};
 use super::{Engine, blocking, now_unix};
 use crate::error::{Error, Result};
 use crate::index::{Metric, Quantization, VectorIndex};
-use crate::store::{CollectionMeta, EncoderKind, EncoderRef, GenerationMeta};
+use crate::store::{CollectionMeta, EncoderKind, EncoderRef, GenerationMeta, PromptOverrides};
 
 /// What a collection reports about itself.
 #[derive(Debug, Clone)]
@@ -18,6 +18,8 @@ pub struct CollectionSummary {
     pub metric: Metric,
     pub quantization: Quantization,
     pub encoder_fingerprint: String,
+    /// The prompts the current generation's texts are encoded with.
+    pub prompts: PromptOverrides,
     pub generation: u64,
     pub encoder_name: String,
     pub encoder_kind: EncoderKind,
@@ -47,6 +49,7 @@ impl Engine {
             metric: coll.metric,
             quantization: coll.quantization,
             encoder_fingerprint: meta.current.encoder.fingerprint.clone(),
+            prompts: meta.current.encoder.prompts.clone(),
             generation: meta.current.number,
             encoder_name: meta.current.encoder.name.clone(),
             encoder_kind: meta.current.encoder.kind,
@@ -82,13 +85,21 @@ impl Engine {
         }
     }
 
-    /// A new, empty collection encoded by the server's encoder.
-    pub async fn create(&self, name: &str, metric: Metric, quantization: Quantization) -> Result<CollectionSummary> {
+    /// A new, empty collection encoded by the server's encoder, with its prompts unless
+    /// `prompts` sets a side's own.
+    pub async fn create(&self, name: &str, metric: Metric, quantization: Quantization, prompts: PromptOverrides) -> Result<CollectionSummary> {
         let info = self.encoder.info();
         let now = now_unix();
+        let in_force = prompts_in_force(&prompts, info);
         let current = GenerationMeta {
             number: 1,
-            encoder: EncoderRef { kind: EncoderKind::Server, name: info.name.clone(), fingerprint: info.fingerprint.clone(), dir: None },
+            encoder: EncoderRef {
+                kind: EncoderKind::Server,
+                name: info.name.clone(),
+                fingerprint: info.fingerprint_for(&in_force),
+                dir: None,
+                prompts: recorded(&in_force),
+            },
             dims: info.dims as u32,
             created_at_unix: now,
         };
@@ -102,6 +113,7 @@ impl Engine {
             version: 0,
             doc_count: 0,
             created_at_unix: now,
+            prompts,
         };
         if self.collections.read().contains_key(name) {
             return Err(Error::CollectionExists(name.to_string()));
@@ -112,7 +124,7 @@ impl Engine {
         if !blocking(move || Ok(store.create_collection(&m)?)).await? {
             return Err(Error::CollectionExists(name.to_string()));
         }
-        let generation = Generation { meta: current, index, encoder: Some(self.encoder.clone()), no_text: String::new() };
+        let generation = Generation { meta: current, index, encoder: Some(self.encoder.clone()), no_text: String::new(), prompts: in_force };
         let coll = Arc::new(Collection::new(meta, metric, quantization, generation, DocTable::default()));
         let summary = self.summary(&coll);
         self.collections.write().insert(name.to_string(), coll);

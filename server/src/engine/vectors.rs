@@ -84,7 +84,13 @@ impl Engine {
             None => {
                 let g = GenerationMeta {
                     number: coll.meta.read().current.number + 1,
-                    encoder: EncoderRef { kind: EncoderKind::Trainer, name: encoder_name.to_string(), fingerprint: String::new(), dir: None },
+                    encoder: EncoderRef {
+                        kind: EncoderKind::Trainer,
+                        name: encoder_name.to_string(),
+                        fingerprint: String::new(),
+                        dir: None,
+                        prompts: Default::default(),
+                    },
                     dims: dims as u32,
                     created_at_unix: now_unix(),
                 };
@@ -131,7 +137,7 @@ impl Engine {
         let index = Arc::try_unwrap(index).unwrap_or_else(|_| unreachable!("the build task has returned its handle"));
         let (meta, index) = self.commit_generation(&name, number, index).await?;
         let no_text = trainer_no_text(&name, &generation);
-        coll.swap(meta, Generation { meta: generation, index, encoder: None, no_text });
+        coll.swap(meta, Generation { meta: generation, index, encoder: None, no_text, prompts: Default::default() });
         self.remove_old_generations(&name, number);
         tracing::info!(collection = %name, generation = number, "trainer vectors committed");
         metrics::counter!(crate::metrics::REFRESHES, "mode" => "vectors", "outcome" => "done").increment(1);

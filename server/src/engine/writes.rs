@@ -5,6 +5,7 @@ use std::sync::Arc;
 
 use super::collection::Collection;
 use super::{Engine, blocking};
+use crate::encode::TextKind;
 use crate::error::{Error, Result};
 use crate::store::{EncoderKind, Store, StoredDoc};
 
@@ -20,10 +21,10 @@ impl Engine {
             let generation = coll.current();
             let vectors = match &generation.encoder {
                 Some(encoder) => {
-                    let texts: Vec<String> = docs.iter().map(StoredDoc::encoded_text).collect();
+                    let texts: Vec<(TextKind, String)> = docs.iter().map(|d| (TextKind::Document, d.encoded_text())).collect();
                     let mut vectors = Vec::with_capacity(texts.len());
                     for chunk in texts.chunks(256) {
-                        vectors.extend(encoder.encode(chunk.to_vec()).await?);
+                        vectors.extend(encoder.encode_as(chunk.to_vec(), &generation.prompts).await?);
                     }
                     Some(vectors)
                 }

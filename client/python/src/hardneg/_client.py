@@ -250,14 +250,28 @@ class Miner:
 
     # -- collections -----------------------------------------------------------------------
 
-    def create(self, name: str, metric: Union[str, int] = "cosine", quantization: Union[str, int] = "f32") -> pb.CollectionInfo:
+    def create(
+        self,
+        name: str,
+        metric: Union[str, int] = "cosine",
+        quantization: Union[str, int] = "f32",
+        *,
+        query_prompt: Optional[str] = None,
+        document_prompt: Optional[str] = None,
+    ) -> pb.CollectionInfo:
         """Creates an empty collection bound to the server's encoder. ``metric``: ``cosine``
-        or ``inner_product``; ``quantization``: ``f32``, ``f16`` or ``i8``."""
+        or ``inner_product``; ``quantization``: ``f32``, ``f16`` or ``i8``.
+        ``query_prompt`` / ``document_prompt`` replace the model's own prompts for this
+        collection (``None``: the model's; ``""``: no prompt)."""
         request = pb.CreateCollectionRequest(
             name=name,
             metric=_enum(metric, _METRICS, "metric"),
             quantization=_enum(quantization, _QUANTIZATIONS, "quantization"),
         )
+        if query_prompt is not None:
+            request.query_prompt = query_prompt
+        if document_prompt is not None:
+            request.document_prompt = document_prompt
         return self._unary(self._stub.CreateCollection, request)
 
     def get(self, name: str) -> pb.CollectionInfo:
