@@ -3,7 +3,8 @@
 use std::path::PathBuf;
 
 fn main() -> Result<(), Box<dyn std::error::Error>> {
-    let proto_root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
+    // Read at run time: a build script compiled for one checkout may be reused for another.
+    let proto_root = PathBuf::from(std::env::var("CARGO_MANIFEST_DIR")?);
     let file = proto_root.join("hardneg/v1/hardneg.proto");
     println!("cargo:rerun-if-changed={}", file.display());
     let fds = protox::compile([&file], [&proto_root])?;

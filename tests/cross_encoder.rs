@@ -69,10 +69,10 @@ fn reference(dir: &std::path::Path, pairs: &[(String, String)]) -> (Vec<Vec<f32>
         .arg(&file)
         .arg(MAX_TOKENS.to_string())
         .output()
-        .expect("python3 runs (install numpy and tokenizers: see .ci/run)");
+        .expect("python3 runs (scripts/test puts .venv, with numpy and tokenizers, first on PATH)");
     assert!(
         out.status.success(),
-        "reference failed (needs `pip install numpy tokenizers`): {}",
+        "reference failed (needs numpy and tokenizers: run through scripts/test, which installs them in .venv): {}",
         String::from_utf8_lossy(&out.stderr)
     );
     let v: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();

@@ -249,6 +249,41 @@ fn time_model(model: &mut dyn EmbedModel, batch: &[&TokenizedText], min_seconds:
     }))
 }
 
+/// Forward-pass throughput of the bi-encoder (per length and batch) and of the cross-encoder
+/// (per batch) on the benchmarked device in `dtype`.
+fn throughputs(
+    args: &EncodersArgs,
+    dtype: DTypeSpec,
+    rows_by_len: &[(usize, Vec<TokenizedText>)],
+    pair_rows: &[TokenizedText],
+) -> anyhow::Result<(Vec<Value>, Vec<Value>)> {
+    let mut bi = SentenceEmbedder::load_on(&args.model, 0, &device::open(args.device)?, device::dtype(dtype))?.model;
+    let mut throughput = Vec::new();
+    for (len, rows) in rows_by_len {
+        for &b in &args.batches {
+            let batch: Vec<&TokenizedText> = rows.iter().take(b).collect();
+            let mut point = time_model(&mut bi, &batch, args.min_seconds, args.min_passes)?;
+            point["batch"] = json!(b);
+            point["length"] = json!(len);
+            eprintln!("gpu-bench:   bi-encoder b={b} len={len}: {:.0} tokens/s", point["tokens_per_s"].as_f64().unwrap_or(0.0));
+            throughput.push(point);
+        }
+    }
+    drop(bi);
+    let mut ce = CrossEncoderModel::load_on(&args.cross_encoder, 256, &device::open(args.device)?, device::dtype(dtype))?.model;
+    let mut ce_throughput = Vec::new();
+    for &b in &args.pair_batches {
+        let batch: Vec<&TokenizedText> = pair_rows.iter().take(b).collect();
+        let mut point = time_model(&mut ce, &batch, args.min_seconds, args.min_passes)?;
+        point["batch"] = json!(b);
+        point["length"] = json!(args.pair_length);
+        point["pairs_per_s"] = point["texts_per_s"].clone();
+        eprintln!("gpu-bench:   cross-encoder b={b} len={}: {:.0} pairs/s", args.pair_length, point["pairs_per_s"].as_f64().unwrap_or(0.0));
+        ce_throughput.push(point);
+    }
+    Ok((throughput, ce_throughput))
+}
+
 fn encoders(args: EncodersArgs) -> anyhow::Result<()> {
     let texts = corpus_texts(&args.corpus)?;
     let cfg = BatchConfig { token_budget: 65_536, max_batch_texts: 256, queue_capacity: 64 };
@@ -315,30 +350,7 @@ fn encoders(args: EncodersArgs) -> anyhow::Result<()> {
             .fold(0f64, f64::max);
         let correlation = pearson(&got, &want);
 
-        let mut bi = SentenceEmbedder::load_on(&args.model, 0, &device::open(args.device)?, device::dtype(dtype))?.model;
-        let mut throughput = Vec::new();
-        for (len, rows) in &rows_by_len {
-            for &b in &args.batches {
-                let batch: Vec<&TokenizedText> = rows.iter().take(b).collect();
-                let mut point = time_model(&mut bi, &batch, args.min_seconds, args.min_passes)?;
-                point["batch"] = json!(b);
-                point["length"] = json!(len);
-                eprintln!("gpu-bench:   bi-encoder b={b} len={len}: {:.0} tokens/s", point["tokens_per_s"].as_f64().unwrap_or(0.0));
-                throughput.push(point);
-            }
-        }
-        drop(bi);
-        let mut ce = CrossEncoderModel::load_on(&args.cross_encoder, 256, &device::open(args.device)?, device::dtype(dtype))?.model;
-        let mut ce_throughput = Vec::new();
-        for &b in &args.pair_batches {
-            let batch: Vec<&TokenizedText> = pair_rows.iter().take(b).collect();
-            let mut point = time_model(&mut ce, &batch, args.min_seconds, args.min_passes)?;
-            point["batch"] = json!(b);
-            point["length"] = json!(args.pair_length);
-            point["pairs_per_s"] = point["texts_per_s"].clone();
-            eprintln!("gpu-bench:   cross-encoder b={b} len={}: {:.0} pairs/s", args.pair_length, point["pairs_per_s"].as_f64().unwrap_or(0.0));
-            ce_throughput.push(point);
-        }
+        let (throughput, ce_throughput) = throughputs(&args, dtype, &rows_by_len, &pair_rows)?;
         results.push(json!({
             "dtype": dtype_name(dtype),
             "placement": name,

@@ -2,7 +2,7 @@
 //! speaks domain types (a mine batch and its outcome, a collection summary, refresh
 //! progress); the API validates requests and converts them from and to the wire.
 //!
-//! - [`collection`]: one collection in memory (documents, current generation, locks);
+//! - `collection`: one collection in memory (documents, current generation, locks);
 //! - `registry`: the collections by name: create, get, list, drop, summaries and gauges;
 //! - `recovery`: bringing every collection back at start;
 //! - `persist`: saved indexes and their manifests;
