@@ -290,13 +290,13 @@ fn bench_mine(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
         })
         .collect();
 
-    let cran = rt.block_on(engine.create("cranfield", Metric::Cosine, Quantization::F32)).unwrap();
+    let cran = rt.block_on(engine.create("cranfield", Metric::Cosine, Quantization::F32, Default::default())).unwrap();
     let coll = engine.get(&cran.name).unwrap();
     let started = Instant::now();
     rt.block_on(engine.upsert(&coll, cranfield_docs())).unwrap();
     let ingest = started.elapsed().as_secs_f64();
 
-    rt.block_on(engine.create("synthetic", Metric::Cosine, Quantization::F32)).unwrap();
+    rt.block_on(engine.create("synthetic", Metric::Cosine, Quantization::F32, Default::default())).unwrap();
     let coll = engine.get("synthetic").unwrap();
     let words: Vec<String> = (0..5000).map(|i| format!("w{i:x}")).collect();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
@@ -368,7 +368,7 @@ fn bench_refresh(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
     let batch = BatchConfig { token_budget: cfg.encoder.token_budget, max_batch_texts: cfg.encoder.max_batch_texts, queue_capacity: 1024 };
     let encoder = Encoder::load(&cfg.encoder.model_dir, cfg.encoder.max_tokens, batch).unwrap();
     let engine = Arc::new(Engine::open(cfg.clone(), encoder, None).unwrap());
-    rt.block_on(engine.create("cranfield", Metric::Cosine, Quantization::F32)).unwrap();
+    rt.block_on(engine.create("cranfield", Metric::Cosine, Quantization::F32, Default::default())).unwrap();
     let coll = engine.get("cranfield").unwrap();
     rt.block_on(engine.upsert(&coll, cranfield_docs())).unwrap();
     let queries: Vec<(String, Option<String>)> =
@@ -407,7 +407,7 @@ fn bench_refresh(rt: &tokio::runtime::Runtime, cfg: Config, n: usize) {
     });
     println!("| Cranfield | trainer vectors (upload + commit) | 1398 | {secs:.2} | {:.0} | {mem:.0} MiB |", 1398.0 / secs);
 
-    rt.block_on(engine.create("synthetic", Metric::Cosine, Quantization::F32)).unwrap();
+    rt.block_on(engine.create("synthetic", Metric::Cosine, Quantization::F32, Default::default())).unwrap();
     let syn = engine.get("synthetic").unwrap();
     let mut rng = ChaCha8Rng::seed_from_u64(3);
     let base = clustered(n, 384, 1000, &mut rng);
