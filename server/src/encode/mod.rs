@@ -13,6 +13,7 @@ pub mod embedder;
 pub mod pooling;
 pub mod qwen3;
 pub mod st_format;
+#[cfg(any(test, feature = "testing"))]
 pub mod testing;
 
 use std::path::Path;
