@@ -194,19 +194,10 @@ async fn serve_and_check(dir: &Path, expected: &Value) {
     server.stop(Duration::from_secs(30));
 }
 
-/// One fixture per architecture (and prompts, Dense, no Normalize) through a real server.
+/// Every fixture through a real server: ingest, then Mine's scores are the library's cosines.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn served_scores_are_sentence_transformers_cosines() {
-    for name in [
-        "bert-mean-prompts",
-        "bert-mean",
-        "bert-mean-dense-normalize",
-        "xlm-roberta-mean-normalize",
-        "modernbert-mean-normalize",
-        "qwen3-lasttoken-normalize",
-    ] {
-        let dir = fixtures().join(name);
-        let expected: Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+    for (_, dir, expected) in cases() {
         serve_and_check(&dir, &expected).await;
     }
 }

@@ -6,7 +6,8 @@
 //! (with and without reranking) and on 100k documents.
 //!
 //! `cargo bench -p hardneg-server --bench pipeline` (needs scripts/fetch-models and
-//! ../shared/datasets). HARDNEG_BENCH=encode,search,rerank,mine,refresh picks parts (refresh:
+//! ../shared/datasets). HARDNEG_BENCH=encode,archs,search,rerank,mine,refresh picks parts (archs: per
+//! architecture on the tiny fixtures of tests/fixtures/models) (refresh:
 //! re-encode and trainer-vector refresh times, peak memory, Mine latency during a re-encode);
 //! HARDNEG_BENCH_DOCS sets the large collection's size (default 100000).
 use std::path::PathBuf;
@@ -464,6 +465,37 @@ fn mine_p50(rt: &tokio::runtime::Runtime, engine: &Engine, collection: &str, que
     percentile(&latencies, 0.5)
 }
 
+/// Encoder throughput per architecture on the tiny fixtures of tests/fixtures/models (the
+/// plumbing's cost: tokenizer, batching, pooling, Dense, norm), beside the plain model call on
+/// the same tokenized batches in the same run.
+fn bench_architectures(rt: &tokio::runtime::Runtime) {
+    let fixtures = root().join("tests/fixtures/models");
+    println!("\n## encoder per architecture: tiny random fixtures (hidden 32, 2-3 layers), their 9 texts x 64, batch 32");
+    println!("| fixture | plain forward (tokens/s) | hardneg encoder (tokens/s) | ratio |");
+    println!("| --- | --- | --- | --- |");
+    for name in ["bert-mean-normalize", "bert-mean-dense-normalize", "xlm-roberta-mean-normalize", "modernbert-mean-normalize", "qwen3-lasttoken-normalize"] {
+        let dir = fixtures.join(name);
+        let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
+        let texts: Vec<String> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
+        let texts: Vec<String> = (0..64).flat_map(|_| texts.iter().cloned()).collect();
+        let cfg = BatchConfig { token_budget: 32 * 64, max_batch_texts: 32, queue_capacity: 64 };
+        let encoder = Encoder::load(&dir, 0, cfg).unwrap();
+        let tokenized = encoder.tokenize(&texts).unwrap();
+        let tokens: usize = tokenized.iter().map(|t| t.ids.len()).sum();
+        let mut plain = SentenceEmbedder::load(&dir, 0).unwrap().model;
+        let started = Instant::now();
+        for chunk in tokenized.chunks(32) {
+            let refs: Vec<_> = chunk.iter().collect();
+            plain.embed(&refs).unwrap();
+        }
+        let base = tokens as f64 / started.elapsed().as_secs_f64();
+        let started = Instant::now();
+        rt.block_on(encoder.encode(texts.clone())).unwrap();
+        let ours = tokens as f64 / started.elapsed().as_secs_f64();
+        println!("| {name} | {base:.0} | {ours:.0} | {:.2}x |", ours / base);
+    }
+}
+
 fn main() {
     let rt = tokio::runtime::Builder::new_multi_thread().enable_all().build().unwrap();
     let mut cfg = Config::load(None, &Overrides { model_dir: Some(model_dir()), ..Default::default() }).unwrap();
@@ -472,6 +504,9 @@ fn main() {
     println!("# hardneg pipeline benchmark ({} threads available)", std::thread::available_parallelism().map(|n| n.get()).unwrap_or(1));
     if part("encode") {
         bench_encoder(&rt);
+    }
+    if part("archs") {
+        bench_architectures(&rt);
     }
     if part("search") {
         bench_search(&rt, &cfg, n);
