@@ -279,6 +279,11 @@ async fn bad_input_gets_a_clear_status_and_the_server_keeps_serving() {
     vector_only.vector = vec![0.1; 384];
     cases.push(("rerank without query text", mine_req("small", vec![vector_only], rerank.clone()), Code::InvalidArgument, "queries[0].text"));
     cases.push(("rerank without a cross-encoder", mine_req("small", vec![text_query("x")], rerank), Code::FailedPrecondition, "reranker.model_dir"));
+    let mut zero = text_query("");
+    zero.vector = vec![0.0; 384];
+    cases.push(("zero vector in a cosine collection", mine_req("small", vec![text_query("x"), zero], options(2, 1)), Code::InvalidArgument, "queries[1].vector"));
+    let simans = proto::MineOptions { sampling: proto::Sampling::Ambiguous as i32, simans_a: Some(-1.0), ..options(2, 1) };
+    cases.push(("simans a below 0", mine_req("small", vec![text_query("x")], simans), Code::InvalidArgument, "options.simans_a"));
 
     for (what, req, code, field) in cases {
         let err = client.mine(req).await.expect_err(what);
@@ -293,6 +298,21 @@ async fn bad_input_gets_a_clear_status_and_the_server_keeps_serving() {
     let err = client.upsert("small", futures::stream::iter([empty_id])).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::InvalidArgument));
     assert!(err.to_string().contains("documents[0].id"), "{err}");
+    // A stream commits message by message: the error names the message that failed and what
+    // the messages before it committed, and those documents are there.
+    let doc = |id: &str, metadata: std::collections::HashMap<String, String>| proto::Document { id: id.into(), text: format!("wing {id}"), title: None, metadata };
+    let before = client.get_collection("small").await.unwrap().doc_count;
+    let crowded: std::collections::HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
+    let messages = vec![vec![doc("m0a", Default::default()), doc("m0b", Default::default())], vec![doc("m1", Default::default())], vec![doc("m2", crowded)]];
+    let err = client.upsert("small", futures::stream::iter(messages)).await.unwrap_err();
+    assert_eq!(err.code(), Some(Code::InvalidArgument), "{err}");
+    let text = err.to_string();
+    assert!(text.contains("upsert message 2") && text.contains("3 documents") && text.contains("documents[0].metadata"), "{text}");
+    assert_eq!(client.get_collection("small").await.unwrap().doc_count, before + 3, "messages 0 and 1 are committed");
+    let heavy: std::collections::HashMap<String, String> = [("k".to_string(), "v".repeat(20_000))].into();
+    let err = client.upsert("small", futures::stream::iter([vec![doc("heavy", heavy)]])).await.unwrap_err();
+    assert!(err.to_string().contains("documents[0].metadata") && err.to_string().contains("limits.max_metadata_bytes"), "{err}");
+    client.delete("small", vec!["m0a".into(), "m0b".into(), "m1".into()]).await.unwrap();
     let err = client.create_collection("small", proto::Quantization::F32).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::AlreadyExists));
     let err = client.create_collection("bad/name", proto::Quantization::F32).await.unwrap_err();

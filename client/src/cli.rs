@@ -186,6 +186,8 @@ pub enum SamplingFlag {
     Top,
     Uniform,
     Softmax,
+    /// SimANS: around the positive's score (--simans-a, --simans-b).
+    Ambiguous,
 }
 
 #[derive(Clone, Copy, PartialEq, ValueEnum)]
@@ -221,6 +223,12 @@ pub struct MineFlags {
     pub sampling: SamplingFlag,
     #[arg(long)]
     pub temperature: Option<f32>,
+    /// Ambiguous sampling: weight exp(-a (score - positive - b)^2) (server default a).
+    #[arg(long)]
+    pub simans_a: Option<f32>,
+    /// Ambiguous sampling: the peak's offset from the positive's score (server default b).
+    #[arg(long, allow_hyphen_values = true)]
+    pub simans_b: Option<f32>,
     #[arg(long)]
     pub seed: Option<u64>,
     /// Search deeper when filters leave too few (server default: true).
@@ -264,8 +272,11 @@ impl MineFlags {
                 SamplingFlag::Top => proto::Sampling::Top,
                 SamplingFlag::Uniform => proto::Sampling::Uniform,
                 SamplingFlag::Softmax => proto::Sampling::Softmax,
+                SamplingFlag::Ambiguous => proto::Sampling::Ambiguous,
             } as i32,
             temperature: self.temperature,
+            simans_a: self.simans_a,
+            simans_b: self.simans_b,
             seed: self.seed,
             adaptive_depth: self.adaptive_depth,
             exclude_batch_positives: self.exclude_batch_positives,

@@ -134,6 +134,28 @@ pub struct MiningConfig {
     pub max_depth: u32,
     pub default_temperature: f32,
     pub min_generation_wait_seconds: f64,
+    /// SimANS sampling's a when a request leaves it unset.
+    #[serde(default = "default_simans_a")]
+    pub simans_a: f32,
+    /// SimANS sampling's b when a request leaves it unset.
+    #[serde(default = "default_simans_b")]
+    pub simans_b: f32,
+}
+
+fn default_max_metadata_entries() -> usize {
+    64
+}
+
+fn default_max_metadata_bytes() -> usize {
+    16 * 1024
+}
+
+fn default_simans_a() -> f32 {
+    20.0
+}
+
+fn default_simans_b() -> f32 {
+    -0.05
 }
 
 #[derive(Debug, Clone, Deserialize)]
@@ -147,6 +169,12 @@ pub struct LimitsConfig {
     pub max_rerank_pairs: usize,
     pub max_positives_per_query: usize,
     pub max_docs_per_message: usize,
+    /// Metadata entries per document.
+    #[serde(default = "default_max_metadata_entries")]
+    pub max_metadata_entries: usize,
+    /// Metadata bytes (keys and values) per document.
+    #[serde(default = "default_max_metadata_bytes")]
+    pub max_metadata_bytes: usize,
     pub max_message_bytes: usize,
     pub max_in_flight: usize,
     pub max_streams: usize,
@@ -233,6 +261,8 @@ impl Config {
             ("limits.max_batch_queries", self.limits.max_batch_queries),
             ("limits.max_text_chars", self.limits.max_text_chars),
             ("limits.max_docs_per_message", self.limits.max_docs_per_message),
+            ("limits.max_metadata_entries", self.limits.max_metadata_entries),
+            ("limits.max_metadata_bytes", self.limits.max_metadata_bytes),
             ("limits.max_message_bytes", self.limits.max_message_bytes),
             ("limits.max_in_flight", self.limits.max_in_flight),
             ("limits.max_streams", self.limits.max_streams),
@@ -249,6 +279,12 @@ impl Config {
                 field: "mining.max_depth",
                 reason: "must be at least mining.default_range_max".into(),
             });
+        }
+        if !(self.mining.simans_a > 0.0 && self.mining.simans_a.is_finite()) {
+            return Err(ConfigError::Invalid { field: "mining.simans_a", reason: "must be a finite number above 0".into() });
+        }
+        if !self.mining.simans_b.is_finite() {
+            return Err(ConfigError::Invalid { field: "mining.simans_b", reason: "must be finite".into() });
         }
         if !(self.mining.default_temperature > 0.0) {
             return Err(ConfigError::Invalid {

@@ -8,10 +8,19 @@ use crate::error::Error;
 use crate::proto as pb;
 
 impl MinerService {
-    pub(super) async fn upsert(&self, mut stream: Streaming<pb::UpsertRequest>) -> Result<pb::UpsertResponse, Refusal> {
+    /// Commits message by message: when message k fails, the documents of messages 0..k-1
+    /// are committed, and the error says so.
+    pub(super) async fn upsert(&self, stream: Streaming<pb::UpsertRequest>) -> Result<pb::UpsertResponse, Refusal> {
         let _slot = self.slot()?;
+        let mut progress = UpsertProgress::default();
+        self.upsert_messages(stream, &mut progress).await.map_err(|r| {
+            let (k, n) = (progress.messages, progress.inserted + progress.updated);
+            r.context(&format!("upsert message {k} (counting from 0; the {k} messages before it, {n} documents, are committed)"))
+        })
+    }
+
+    async fn upsert_messages(&self, mut stream: Streaming<pb::UpsertRequest>, progress: &mut UpsertProgress) -> Result<pb::UpsertResponse, Refusal> {
         let mut collection: Option<String> = None;
-        let (mut inserted, mut updated) = (0, 0);
         let mut coll = None;
         while let Some(msg) = stream.message().await.map_err(inbound)? {
             let name = match (&collection, msg.collection.as_str()) {
@@ -33,11 +42,12 @@ impl MinerService {
                 tracing::debug!(collection = %name, error = %e, "upsert failed");
                 e
             })?;
-            inserted += i;
-            updated += u;
+            progress.inserted += i;
+            progress.updated += u;
+            progress.messages += 1;
         }
         let (doc_count, pending) = coll.map(|c| c.counts()).unwrap_or((0, 0));
-        Ok(pb::UpsertResponse { inserted, updated, doc_count, pending })
+        Ok(pb::UpsertResponse { inserted: progress.inserted, updated: progress.updated, doc_count, pending })
     }
 
     pub(super) async fn delete(&self, req: pb::DeleteRequest) -> Result<pb::DeleteResponse, Refusal> {
@@ -60,4 +70,12 @@ impl MinerService {
         let (docs, missing) = self.engine.documents(&coll, req.ids).await?;
         Ok(pb::GetDocumentsResponse { documents: docs.into_iter().map(convert::document).collect(), missing })
     }
+}
+
+/// How far an Upsert stream got: messages committed, and their documents.
+#[derive(Default)]
+struct UpsertProgress {
+    messages: u64,
+    inserted: u64,
+    updated: u64,
 }

@@ -70,6 +70,12 @@ impl Refusal {
             Refusal::Status(status) => status,
         }
     }
+
+    /// The same refusal (counted as it is), its message prefixed with where it happened.
+    pub fn context(self, prefix: &str) -> Refusal {
+        let status = self.into_status();
+        Refusal::Status(Status::new(status.code(), format!("{prefix}: {}", status.message())))
+    }
 }
 
 /// The status a refresh stream ends with, once the refresh has ended without a swap.

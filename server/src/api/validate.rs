@@ -23,6 +23,22 @@ pub fn validate_name(field: &str, name: &str) -> Result<()> {
     Ok(())
 }
 
+/// A document's metadata: at most limits.max_metadata_entries entries and
+/// limits.max_metadata_bytes bytes of keys and values.
+fn check_metadata(field: &str, metadata: &std::collections::HashMap<String, String>, limits: &LimitsConfig) -> Result<()> {
+    if metadata.len() > limits.max_metadata_entries {
+        return Err(Error::invalid(
+            field,
+            format!("has {} entries, the limit is {} (limits.max_metadata_entries)", metadata.len(), limits.max_metadata_entries),
+        ));
+    }
+    let bytes: usize = metadata.iter().map(|(k, v)| k.len() + v.len()).sum();
+    if bytes > limits.max_metadata_bytes {
+        return Err(Error::invalid(field, format!("holds {bytes} bytes, the limit is {} (limits.max_metadata_bytes)", limits.max_metadata_bytes)));
+    }
+    Ok(())
+}
+
 /// A CreateCollection's prompts: each at most `limit` characters ("" is no prompt).
 pub fn validate_prompts(req: &pb::CreateCollectionRequest, limit: usize) -> Result<PromptOverrides> {
     for (field, p) in [("query_prompt", &req.query_prompt), ("document_prompt", &req.document_prompt)] {
@@ -91,6 +107,17 @@ pub fn validate_mine(req: &pb::MineRequest, cfg: &Config) -> Result<MineParams> 
         Ok(pb::Sampling::Unspecified | pb::Sampling::Top) => Sampling::Top,
         Ok(pb::Sampling::Uniform) => Sampling::Uniform,
         Ok(pb::Sampling::Softmax) => Sampling::Softmax { temperature },
+        Ok(pb::Sampling::Ambiguous) => {
+            let a = o.simans_a.unwrap_or(cfg.mining.simans_a);
+            if !(a > 0.0 && a.is_finite()) {
+                return Err(Error::invalid("options.simans_a", format!("must be a finite number above 0, got {a}")));
+            }
+            let b = o.simans_b.unwrap_or(cfg.mining.simans_b);
+            if !b.is_finite() {
+                return Err(Error::invalid("options.simans_b", format!("must be finite, got {b}")));
+            }
+            Sampling::Ambiguous { a, b }
+        }
         Err(_) => return Err(Error::invalid("options.sampling", format!("unknown value {}", o.sampling))),
     };
     Ok(MineParams {
@@ -287,6 +314,7 @@ pub fn validate_docs(docs: &[pb::Document], cfg: &Config) -> Result<Vec<StoredDo
                     return Err(Error::invalid(format!("documents[{i}].title"), format!("is longer than {} characters", cfg.limits.max_text_chars)));
                 }
             }
+            check_metadata(&format!("documents[{i}].metadata"), &d.metadata, &cfg.limits)?;
             Ok(StoredDoc {
                 id: d.id.clone(),
                 title: d.title.clone().filter(|t| !t.trim().is_empty()),
@@ -441,6 +469,18 @@ mod tests {
         }
         let outside = root.path().join("elsewhere");
         assert!(resolve_checkpoint(outside.to_str().unwrap(), &models).is_err());
+    }
+
+    #[test]
+    fn ambiguous_sampling_takes_its_options_or_the_configured_defaults() {
+        let base = pb::MineOptions { num_negatives: 3, sampling: pb::Sampling::Ambiguous as i32, ..Default::default() };
+        let params = validate_mine(&req(1, base.clone()), &cfg()).unwrap();
+        assert_eq!(params.sampling, Sampling::Ambiguous { a: 20.0, b: -0.05 }, "mining.simans_a / simans_b");
+        let set = pb::MineOptions { simans_a: Some(5.0), simans_b: Some(0.1), ..base.clone() };
+        assert_eq!(validate_mine(&req(1, set), &cfg()).unwrap().sampling, Sampling::Ambiguous { a: 5.0, b: 0.1 });
+        assert_eq!(refused(pb::MineOptions { simans_a: Some(0.0), ..base.clone() }, 1), "options.simans_a");
+        assert_eq!(refused(pb::MineOptions { simans_a: Some(f32::NAN), ..base.clone() }, 1), "options.simans_a");
+        assert_eq!(refused(pb::MineOptions { simans_b: Some(f32::INFINITY), ..base }, 1), "options.simans_b");
     }
 
     /// `hardneg refresh --encoder models/step-2 ` with models_root "models": the path already

@@ -10,7 +10,7 @@ use super::collection::{Collection, Generation};
 use super::{Engine, blocking};
 use crate::encode::{Reranker, TextKind};
 use crate::error::{Error, Result};
-use crate::index::Hit;
+use crate::index::{Hit, Metric};
 use crate::mine::pipeline::{self, Corpus, Mined, Queries, Scorer};
 use crate::mine::{self, MineBatch, MineOutcome, MineQuery, MinedNegative, QueryContext, QueryOutcome, RerankFilters, StageTimings, TextHashes};
 use crate::store::Store;
@@ -82,6 +82,12 @@ impl Engine {
                 return Err(Error::invalid(
                     format!("queries[{i}].vector"),
                     format!("has {} dims, collection {:?} (generation {}) has {dims}", q.vector.len(), batch.collection, current.meta.number),
+                ));
+            }
+            if !q.vector.is_empty() && coll.metric == Metric::Cosine && q.vector.iter().all(|x| *x == 0.0) {
+                return Err(Error::invalid(
+                    format!("queries[{i}].vector"),
+                    format!("is all zeros: collection {:?} is cosine, which no zero vector can be compared by", batch.collection),
                 ));
             }
         }
@@ -233,7 +239,7 @@ async fn sample_and_collect(
     let started = Instant::now();
     let params = &batch.params;
     let seed = params.seed.unwrap_or_else(rand::random);
-    let sampled = mined.sample(params, rerank, seed);
+    let sampled = mined.sample(params, rerank, contexts, seed);
     let texts: HashMap<u64, String> = if params.return_text {
         corpus.texts(sampled.iter().flat_map(|(picked, _)| picked.iter().map(|s| s.key)).collect()).await?
     } else {

@@ -226,8 +226,9 @@ impl Mined {
     }
 
     /// Each query's sampled negatives and what its filters dropped; query `i` samples from a
-    /// generator seeded with `seed` and `i`.
-    pub fn sample(&self, params: &MineParams, rerank: Option<&RerankFilters>, seed: u64) -> Vec<(Vec<Survivor>, DropCounts)> {
+    /// generator seeded with `seed` and `i`, around its positive's score (`contexts[i]`) when
+    /// the sampling asks for it.
+    pub fn sample(&self, params: &MineParams, rerank: Option<&RerankFilters>, contexts: &[QueryContext], seed: u64) -> Vec<(Vec<Survivor>, DropCounts)> {
         (0..self.plans.len())
             .map(|i| {
                 let sel = self.selection(i);
@@ -243,7 +244,8 @@ impl Mined {
                     None => &sel.survivors,
                 };
                 let mut rng = ChaCha8Rng::seed_from_u64(seed ^ (i as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15));
-                (super::sample(survivors, params.num_negatives, params.sampling, &mut rng), counts)
+                let positive_score = contexts.get(i).and_then(|c| c.positive_score);
+                (super::sample(survivors, params.num_negatives, params.sampling, positive_score, &mut rng), counts)
             })
             .collect()
     }
@@ -438,8 +440,8 @@ mod tests {
         let mut p = params(10, 2, true, filters(), Some(f.clone()));
         p.sampling = Sampling::Uniform;
         let m = mine_one(&c, QueryContext::default(), &p, 1000, Vec::new());
-        let a = m.sample(&p, Some(&f), 7);
-        assert_eq!(a, m.sample(&p, Some(&f), 7), "same seed, same negatives");
+        let a = m.sample(&p, Some(&f), &[], 7);
+        assert_eq!(a, m.sample(&p, Some(&f), &[], 7), "same seed, same negatives");
         let (picked, dropped) = &a[0];
         assert_eq!(picked.len(), 2);
         assert_eq!(dropped.ce_score, 4);

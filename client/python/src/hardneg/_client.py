@@ -44,7 +44,12 @@ Vectors = Any
 
 _METRICS = {"cosine": pb.METRIC_COSINE, "inner_product": pb.METRIC_INNER_PRODUCT, "ip": pb.METRIC_INNER_PRODUCT}
 _QUANTIZATIONS = {"f32": pb.QUANTIZATION_F32, "f16": pb.QUANTIZATION_F16, "i8": pb.QUANTIZATION_I8}
-_SAMPLINGS = {"top": pb.SAMPLING_TOP, "uniform": pb.SAMPLING_UNIFORM, "softmax": pb.SAMPLING_SOFTMAX}
+_SAMPLINGS = {
+    "top": pb.SAMPLING_TOP,
+    "uniform": pb.SAMPLING_UNIFORM,
+    "softmax": pb.SAMPLING_SOFTMAX,
+    "ambiguous": pb.SAMPLING_AMBIGUOUS,
+}
 _PRESETS = {"none": pb.PRESET_UNSPECIFIED, "denoised": pb.PRESET_DENOISED}
 _OPTION_FIELDS = frozenset(f.name for f in pb.MineOptions.DESCRIPTOR.fields)
 
@@ -72,7 +77,8 @@ def options(**kwargs: Any) -> pb.MineOptions:
     """``MineOptions`` from keyword arguments named after its proto fields, e.g.
     ``options(num_negatives=5, range_max=30, relative_margin=0.05, sampling="softmax",
     preset="denoised", seed=1, return_text=True)``. ``sampling`` takes ``top``, ``uniform``,
-    ``softmax``; ``preset`` takes ``none``, ``denoised``. Unset options keep the server's
+    ``softmax``, ``ambiguous`` (SimANS: around the positive's score, with ``simans_a`` and
+    ``simans_b``); ``preset`` takes ``none``, ``denoised``. Unset options keep the server's
     defaults."""
     unknown = set(kwargs) - _OPTION_FIELDS
     if unknown:
