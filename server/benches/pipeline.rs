@@ -87,24 +87,27 @@ fn bench_encoder(rt: &tokio::runtime::Runtime) {
     println!("| --- | --- | --- | --- |");
     for max_len in [128usize, 256] {
         let cfg = BatchConfig { token_budget: 32 * max_len, max_batch_texts: 32, queue_capacity: 64 };
-        let encoder = Encoder::load(&model_dir(), max_len, cfg).unwrap();
-        let tokenized = encoder.tokenize(&texts).unwrap();
-        let tokens: usize = tokenized.iter().map(|t| t.ids.len()).sum();
-
-        // Baseline: the model called directly on 32 texts at a time, in file order.
-        let mut plain = SentenceEmbedder::load(&model_dir(), max_len).unwrap().model;
-        let started = Instant::now();
-        for chunk in tokenized.chunks(32) {
-            let refs: Vec<_> = chunk.iter().collect();
-            plain.embed(&refs).unwrap();
-        }
-        let base = tokens as f64 / started.elapsed().as_secs_f64();
-
-        let started = Instant::now();
-        rt.block_on(encoder.encode(texts.clone())).unwrap();
-        let ours = tokens as f64 / started.elapsed().as_secs_f64();
+        let (base, ours) = encoder_throughput(rt, &model_dir(), max_len, cfg, &texts);
         println!("| {max_len} | {base:.0} | {ours:.0} | {:.2}x |", ours / base);
     }
+}
+
+/// Tokens/s of the model in `dir` called directly on 32 texts at a time in the given order
+/// (the baseline), then of the encoder (batched by length across the whole job), same texts.
+fn encoder_throughput(rt: &tokio::runtime::Runtime, dir: &std::path::Path, max_len: usize, cfg: BatchConfig, texts: &[String]) -> (f64, f64) {
+    let encoder = Encoder::load(dir, max_len, cfg).unwrap();
+    let tokenized = encoder.tokenize(texts).unwrap();
+    let tokens: usize = tokenized.iter().map(|t| t.ids.len()).sum();
+    let mut plain = SentenceEmbedder::load(dir, max_len).unwrap().model;
+    let started = Instant::now();
+    for chunk in tokenized.chunks(32) {
+        let refs: Vec<_> = chunk.iter().collect();
+        plain.embed(&refs).unwrap();
+    }
+    let base = tokens as f64 / started.elapsed().as_secs_f64();
+    let started = Instant::now();
+    rt.block_on(encoder.encode(texts.to_vec())).unwrap();
+    (base, tokens as f64 / started.elapsed().as_secs_f64())
 }
 
 /// A MiniLM-L6 cross-encoder checkpoint (real body, seeded head) in a temporary directory.
@@ -479,19 +482,7 @@ fn bench_architectures(rt: &tokio::runtime::Runtime) {
         let texts: Vec<String> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();
         let texts: Vec<String> = (0..64).flat_map(|_| texts.iter().cloned()).collect();
         let cfg = BatchConfig { token_budget: 32 * 64, max_batch_texts: 32, queue_capacity: 64 };
-        let encoder = Encoder::load(&dir, 0, cfg).unwrap();
-        let tokenized = encoder.tokenize(&texts).unwrap();
-        let tokens: usize = tokenized.iter().map(|t| t.ids.len()).sum();
-        let mut plain = SentenceEmbedder::load(&dir, 0).unwrap().model;
-        let started = Instant::now();
-        for chunk in tokenized.chunks(32) {
-            let refs: Vec<_> = chunk.iter().collect();
-            plain.embed(&refs).unwrap();
-        }
-        let base = tokens as f64 / started.elapsed().as_secs_f64();
-        let started = Instant::now();
-        rt.block_on(encoder.encode(texts.clone())).unwrap();
-        let ours = tokens as f64 / started.elapsed().as_secs_f64();
+        let (base, ours) = encoder_throughput(rt, &dir, 0, cfg, &texts);
         println!("| {name} | {base:.0} | {ours:.0} | {:.2}x |", ours / base);
     }
 }

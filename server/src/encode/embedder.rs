@@ -168,8 +168,7 @@ impl SentenceEmbedder {
             .unwrap_or_else(|| dir.display().to_string());
         let prompts = Prompts { query: st.prompts.query(), document: st.prompts.document() };
         let model_fingerprint = hex::encode(hasher.finalize());
-        let info = EncoderInfo::new(name, model_fingerprint, dims, max, prompts)
-            .describe(&st.model_type, &st.pooling.describe(), !st.dense.is_empty(), st.normalize);
+        let info = EncoderInfo::new(name, model_fingerprint, dims, max, prompts);
         Ok(Loaded {
             model: SentenceEmbedder {
                 body,

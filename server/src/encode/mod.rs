@@ -145,23 +145,12 @@ pub struct EncoderInfo {
     pub max_tokens: usize,
     /// The model's own prompts (`config_sentence_transformers.json`).
     pub prompts: Prompts,
-    /// For logs and status: architecture, pooling, Dense, Normalize.
-    pub description: String,
 }
 
 impl EncoderInfo {
     pub fn new(name: String, model_fingerprint: String, dims: usize, max_tokens: usize, prompts: Prompts) -> Self {
         let fingerprint = fingerprint_for(&model_fingerprint, &prompts);
-        Self { name, fingerprint, model_fingerprint, dims, max_tokens, prompts, description: String::new() }
-    }
-
-    pub fn describe(mut self, arch: &str, pooling: &str, dense: bool, normalize: bool) -> Self {
-        self.description = format!(
-            "{arch}, {pooling} pooling{}{}",
-            if dense { ", dense" } else { "" },
-            if normalize { ", normalized" } else { ", not normalized" }
-        );
-        self
+        Self { name, fingerprint, model_fingerprint, dims, max_tokens, prompts }
     }
 
     /// The fingerprint of this model's vectors under `prompts`: the model's own when there
@@ -319,12 +308,6 @@ impl Encoder {
     pub async fn encode(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EncodeError> {
         let prompts = self.inner.info.prompts.clone();
         self.encode_as(texts.into_iter().map(|t| (TextKind::Document, t)).collect(), &prompts).await
-    }
-
-    /// Encodes queries (the model's query prompt) into vectors, in order.
-    pub async fn encode_queries(&self, texts: Vec<String>) -> Result<Vec<Vec<f32>>, EncodeError> {
-        let prompts = self.inner.info.prompts.clone();
-        self.encode_as(texts.into_iter().map(|t| (TextKind::Query, t)).collect(), &prompts).await
     }
 
     /// Encodes queries and documents in one job, each with its prompt from `prompts`, in

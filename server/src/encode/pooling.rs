@@ -26,17 +26,6 @@ impl PoolMode {
             _ => return None,
         })
     }
-
-    pub fn name(self) -> &'static str {
-        match self {
-            PoolMode::Cls => "cls",
-            PoolMode::Max => "max",
-            PoolMode::Mean => "mean",
-            PoolMode::MeanSqrtLen => "mean_sqrt_len_tokens",
-            PoolMode::WeightedMean => "weightedmean",
-            PoolMode::LastToken => "lasttoken",
-        }
-    }
 }
 
 /// The pooling a model's config asks for.
@@ -48,15 +37,6 @@ pub struct PoolingSpec {
 }
 
 impl PoolingSpec {
-    pub fn describe(&self) -> String {
-        let modes: Vec<&str> = self.modes.iter().map(|m| m.name()).collect();
-        let mut s = modes.join("+");
-        if !self.include_prompt {
-            s.push_str(" (prompt excluded)");
-        }
-        s
-    }
-
     /// Pools `hidden` (n, len, h) in f32 under `mask` (n, len) of 1s and 0s, right-padded.
     /// `prompt_lens[i]` leading tokens of row i are masked out unless the prompt is included.
     pub fn pool(&self, hidden: &Tensor, mask: &[Vec<f32>], prompt_lens: &[usize]) -> Result<Tensor> {
@@ -77,26 +57,22 @@ impl PoolingSpec {
                 PoolMode::Cls | PoolMode::LastToken => {
                     // The first (cls) or last (lasttoken) position the pooling mask keeps;
                     // position 0 (cls) or the last position (lasttoken) when it keeps none.
-                    let idx: Vec<u32> = pooling_mask
+                    let idx: Vec<usize> = pooling_mask
                         .iter()
                         .map(|row| {
-                            let pick = if *mode == PoolMode::Cls {
+                            if *mode == PoolMode::Cls {
                                 row.iter().position(|&m| m > 0.0).unwrap_or(0)
                             } else {
                                 row.iter().rposition(|&m| m > 0.0).unwrap_or(len - 1)
-                            };
-                            pick as u32
+                            }
                         })
                         .collect();
-                    let rows: Vec<Tensor> = idx
-                        .iter()
-                        .enumerate()
-                        .map(|(i, &j)| hidden.get(i)?.get(j as usize))
-                        .collect::<Result<_>>()?;
+                    let rows: Vec<Tensor> =
+                        idx.iter().enumerate().map(|(i, &j)| hidden.get(i)?.get(j)).collect::<Result<_>>()?;
                     let picked = Tensor::stack(&rows, 0)?;
                     if *mode == PoolMode::LastToken {
                         // The library multiplies by the mask: a row with no kept token is zeros.
-                        let keep: Vec<f32> = pooling_mask.iter().map(|row| row[idx_of(row, len)]).collect();
+                        let keep: Vec<f32> = pooling_mask.iter().zip(&idx).map(|(row, &j)| row[j]).collect();
                         picked.broadcast_mul(&Tensor::from_vec(keep, (n, 1), device)?)?
                     } else {
                         picked
@@ -124,10 +100,6 @@ impl PoolingSpec {
         }
         Tensor::cat(&parts, D::Minus1)
     }
-}
-
-fn idx_of(row: &[f32], len: usize) -> usize {
-    row.iter().rposition(|&m| m > 0.0).unwrap_or(len - 1)
 }
 
 #[cfg(test)]

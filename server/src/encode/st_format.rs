@@ -91,9 +91,6 @@ pub struct StModel {
     pub document_length: Option<usize>,
     pub do_lower_case: bool,
     pub prompts: PromptConfig,
-    /// The model had no modules.json: a plain Hugging Face model, read as sentence-transformers
-    /// does (mean pooling, no normalization).
-    pub implied_modules: bool,
 }
 
 fn load_err(dir: &Path, reason: impl std::fmt::Display) -> EncodeError {
@@ -180,7 +177,6 @@ impl StModel {
     fn implied(dir: &Path) -> Result<StModel, EncodeError> {
         let pooling = PoolingSpec { modes: vec![PoolMode::Mean], include_prompt: true };
         let mut model = Self::transformer(dir, dir.to_path_buf(), pooling, Vec::new())?;
-        model.implied_modules = true;
         model.prompts = read_prompts(dir)?;
         Ok(model)
     }
@@ -267,7 +263,6 @@ impl StModel {
             document_length,
             do_lower_case,
             prompts: PromptConfig::default(),
-            implied_modules: false,
         })
     }
 }

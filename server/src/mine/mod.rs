@@ -191,7 +191,8 @@ mod tests {
             .collect()
     }
 
-    fn filters() -> Filters {
+    /// No filter but the batch's positives; the pipeline's tests share it.
+    pub(super) fn filters() -> Filters {
         Filters {
             range_min: 0,
             min_score: None,

@@ -256,6 +256,7 @@ mod tests {
     use std::sync::atomic::{AtomicUsize, Ordering};
 
     use super::*;
+    use crate::mine::tests::filters;
     use crate::mine::{Filters, Sampling, select, text_hash};
 
     /// A deterministic index: document i scores 1 - i/100 for every query, text "doc i".
@@ -303,17 +304,6 @@ mod tests {
         }
     }
 
-    fn filters() -> Filters {
-        Filters {
-            range_min: 0,
-            min_score: None,
-            max_score: None,
-            absolute_margin: None,
-            relative_margin: None,
-            max_positive_similarity: None,
-            exclude_batch_positives: true,
-        }
-    }
 
     fn params(range_max: usize, num_negatives: usize, adaptive_depth: bool, filters: Filters, rerank: Option<RerankFilters>) -> MineParams {
         MineParams { num_negatives, range_max, filters, sampling: Sampling::Top, seed: Some(0), adaptive_depth, return_text: false, rerank }
