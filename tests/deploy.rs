@@ -146,7 +146,7 @@ async fn every_dashboard_metric_is_exported() {
     let mut client = server.client().await;
     client.create_collection("c", proto::Quantization::F32).await.unwrap();
     let docs: Vec<proto::Document> = (0..12)
-        .map(|i| proto::Document { id: format!("d{i}"), text: format!("boundary layer {i} on a flat plate"), title: None, metadata: Default::default() })
+        .map(|i| proto::Document { id: format!("d{i}"), text: format!("boundary layer {i} on a flat plate"), title: None, metadata: Default::default(), vector: Vec::new() })
         .collect();
     client.upsert("c", futures::stream::iter([docs])).await.unwrap();
     let req = proto::MineRequest {

@@ -86,7 +86,7 @@ async fn ingest_cranfield(client: &mut Client) -> HashMap<String, String> {
         .chunks(200)
         .map(|c| {
             c.iter()
-                .map(|d| proto::Document { id: d.id.clone(), text: d.text.clone(), title: Some(d.title.clone()), metadata: Default::default() })
+                .map(|d| proto::Document { id: d.id.clone(), text: d.text.clone(), title: Some(d.title.clone()), metadata: Default::default(), vector: Vec::new() })
                 .collect()
         })
         .collect();
@@ -224,7 +224,7 @@ async fn small_collection(client: &mut Client, name: &str) {
     ]
     .iter()
     .enumerate()
-    .map(|(i, t)| proto::Document { id: format!("d{i}"), text: t.to_string(), title: None, metadata: Default::default() })
+    .map(|(i, t)| proto::Document { id: format!("d{i}"), text: t.to_string(), title: None, metadata: Default::default(), vector: Vec::new() })
     .collect();
     let resp = client.upsert(name, futures::stream::iter([docs])).await.unwrap();
     assert_eq!(resp.inserted, 8);
@@ -294,13 +294,13 @@ async fn bad_input_gets_a_clear_status_and_the_server_keeps_serving() {
     }
 
     // Upsert and collection errors.
-    let empty_id = vec![proto::Document { id: String::new(), text: "x".into(), title: None, metadata: Default::default() }];
+    let empty_id = vec![proto::Document { id: String::new(), text: "x".into(), title: None, metadata: Default::default(), vector: Vec::new() }];
     let err = client.upsert("small", futures::stream::iter([empty_id])).await.unwrap_err();
     assert_eq!(err.code(), Some(Code::InvalidArgument));
     assert!(err.to_string().contains("documents[0].id"), "{err}");
     // A stream commits message by message: the error names the message that failed and what
     // the messages before it committed, and those documents are there.
-    let doc = |id: &str, metadata: std::collections::HashMap<String, String>| proto::Document { id: id.into(), text: format!("wing {id}"), title: None, metadata };
+    let doc = |id: &str, metadata: std::collections::HashMap<String, String>| proto::Document { id: id.into(), text: format!("wing {id}"), title: None, metadata, vector: Vec::new() };
     let before = client.get_collection("small").await.unwrap().doc_count;
     let crowded: std::collections::HashMap<String, String> = (0..65).map(|i| (format!("k{i}"), "v".into())).collect();
     let messages = vec![vec![doc("m0a", Default::default()), doc("m0b", Default::default())], vec![doc("m1", Default::default())], vec![doc("m2", crowded)]];
@@ -353,7 +353,7 @@ async fn updates_deletes_vectors_and_text_positives() {
     assert_eq!(client.get_collection("small").await.unwrap().doc_count, 7);
 
     // An update replaces the text; positives by text exclude same-text documents.
-    let update = vec![proto::Document { id: "d1".into(), text: "Heat Transfer in  hypersonic flow".into(), title: None, metadata: Default::default() }];
+    let update = vec![proto::Document { id: "d1".into(), text: "Heat Transfer in  hypersonic flow".into(), title: None, metadata: Default::default(), vector: Vec::new() }];
     let resp = client.upsert("small", futures::stream::iter([update])).await.unwrap();
     assert_eq!((resp.inserted, resp.updated, resp.doc_count), (0, 1, 7));
     let docs = client.get_documents("small", vec!["d1".into(), "d5".into()]).await.unwrap();
@@ -433,7 +433,7 @@ async fn reranking_and_the_positive_neighbourhood_filter() {
         .into_iter()
         .filter(|d| !d.text.trim().is_empty())
         .take(150)
-        .map(|d| proto::Document { id: d.id, text: d.text, title: Some(d.title).filter(|t| !t.is_empty()), metadata: Default::default() })
+        .map(|d| proto::Document { id: d.id, text: d.text, title: Some(d.title).filter(|t| !t.is_empty()), metadata: Default::default(), vector: Vec::new() })
         .collect();
     let texts: HashMap<String, String> = docs
         .iter()

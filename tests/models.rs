@@ -154,7 +154,7 @@ async fn minilm_saved_again_by_sentence_transformers_6_matches_the_original() {
 }
 
 fn doc(i: usize, text: &str) -> proto::Document {
-    proto::Document { id: format!("d{i}"), text: text.into(), title: None, metadata: Default::default() }
+    proto::Document { id: format!("d{i}"), text: text.into(), title: None, metadata: Default::default(), vector: Vec::new() }
 }
 
 /// Serves `dir` and checks that Mine's scores are sentence-transformers' cosines between the
@@ -288,7 +288,7 @@ async fn refresh_to_the_resaved_model_runs_under_load() {
         .into_iter()
         .filter(|d| !d.text.trim().is_empty())
         .take(64)
-        .map(|d| proto::Document { id: d.id, text: d.text, title: None, metadata: Default::default() })
+        .map(|d| proto::Document { id: d.id, text: d.text, title: None, metadata: Default::default(), vector: Vec::new() })
         .collect();
     client.upsert("c", futures::stream::iter([docs])).await.unwrap();
     let request = || proto::MineRequest {

@@ -18,7 +18,7 @@ fn documents(n: usize) -> Vec<proto::Document> {
     docs.into_iter()
         .filter(|d| !d.text.trim().is_empty())
         .take(n)
-        .map(|d| proto::Document { id: d.id, text: d.text, title: None, metadata: Default::default() })
+        .map(|d| proto::Document { id: d.id, text: d.text, title: None, metadata: Default::default(), vector: Vec::new() })
         .collect()
 }
 

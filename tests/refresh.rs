@@ -21,7 +21,7 @@ fn documents() -> Vec<proto::Document> {
     docs.into_iter()
         .filter(|d| !d.text.trim().is_empty())
         .take(DOCS)
-        .map(|d| proto::Document { id: d.id, text: d.text, title: Some(d.title).filter(|t| !t.trim().is_empty()), metadata: Default::default() })
+        .map(|d| proto::Document { id: d.id, text: d.text, title: Some(d.title).filter(|t| !t.trim().is_empty()), metadata: Default::default(), vector: Vec::new() })
         .collect()
 }
 
@@ -165,7 +165,7 @@ async fn refresh_under_load_matches_a_fresh_server() {
     assert_eq!(first.generation, 2);
     // Writes during the re-encode are carried into the new generation.
     let fresh_doc = "heat transfer to a flat plate in a hypersonic wind tunnel with a zirconium nose";
-    let added = proto::Document { id: "added".into(), text: fresh_doc.into(), title: None, metadata: Default::default() };
+    let added = proto::Document { id: "added".into(), text: fresh_doc.into(), title: None, metadata: Default::default(), vector: Vec::new() };
     client.upsert("c", futures::stream::iter([vec![added]])).await.unwrap();
     client.delete("c", vec![doc_ids[1].clone()]).await.unwrap();
     let mut progress = vec![first];
@@ -227,7 +227,7 @@ async fn refresh_under_load_matches_a_fresh_server() {
     assert_eq!(err.code(), Some(Code::FailedPrecondition));
     assert!(err.to_string().contains("send query vectors"), "{err}");
     // A new document waits for the next vector refresh, and is never returned meanwhile.
-    let new_doc = proto::Document { id: "new".into(), text: "a brand new wing".into(), title: None, metadata: Default::default() };
+    let new_doc = proto::Document { id: "new".into(), text: "a brand new wing".into(), title: None, metadata: Default::default(), vector: Vec::new() };
     let resp = client.upsert("c", futures::stream::iter([vec![new_doc]])).await.unwrap();
     assert_eq!(resp.pending, 1);
     assert_eq!(client.get_collection("c").await.unwrap().pending_documents, 1);

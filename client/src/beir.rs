@@ -4,6 +4,7 @@ use std::io::BufRead;
 use std::path::Path;
 
 use serde::Deserialize;
+use serde::de::DeserializeOwned;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct CorpusDoc {
@@ -13,13 +14,21 @@ pub struct CorpusDoc {
     pub title: String,
     #[serde(default)]
     pub text: String,
+    /// The document's embedding, for vectors-only collections (empty: none given).
+    #[serde(default)]
+    pub vector: Vec<f32>,
 }
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct BeirQuery {
     #[serde(rename = "_id")]
     pub id: String,
+    /// Empty when the query is given by its vector only.
+    #[serde(default)]
     pub text: String,
+    /// The query's embedding, mined with in place of encoding the text (empty: none given).
+    #[serde(default)]
+    pub vector: Vec<f32>,
 }
 
 /// Judgments of one query, in file order.
@@ -51,17 +60,33 @@ fn open(path: &Path) -> anyhow::Result<std::io::BufReader<std::fs::File>> {
     Ok(std::io::BufReader::new(file))
 }
 
+/// JSON lines one at a time with their 1-based line numbers, so a large file is never held
+/// whole; blank lines are skipped and an error names the file and line.
+pub fn jsonl_lines<T: DeserializeOwned>(path: &Path) -> anyhow::Result<impl Iterator<Item = anyhow::Result<(usize, T)>> + use<T>> {
+    let name = path.display().to_string();
+    Ok(open(path)?.lines().enumerate().filter_map(move |(n, line)| match line {
+        Ok(l) if l.trim().is_empty() => None,
+        Ok(l) => Some(serde_json::from_str(&l).map(|t| (n + 1, t)).map_err(|e| anyhow::anyhow!("{name}:{}: {e}", n + 1))),
+        Err(e) => Some(Err(anyhow::anyhow!("{name}:{}: {e}", n + 1))),
+    }))
+}
+
 /// Reads JSON lines, naming the file and line on a parse error; blank lines are skipped.
-pub fn read_jsonl<T: for<'de> Deserialize<'de>>(path: &Path) -> anyhow::Result<Vec<T>> {
-    let mut out = Vec::new();
-    for (n, line) in open(path)?.lines().enumerate() {
-        let line = line?;
-        if line.trim().is_empty() {
-            continue;
-        }
-        out.push(serde_json::from_str(&line).map_err(|e| anyhow::anyhow!("{}:{}: {e}", path.display(), n + 1))?);
-    }
-    Ok(out)
+pub fn read_jsonl<T: DeserializeOwned>(path: &Path) -> anyhow::Result<Vec<T>> {
+    jsonl_lines(path)?.map(|r| r.map(|(_, t)| t)).collect()
+}
+
+/// Reads a queries.jsonl whose every query has a text or a vector (an error names the line).
+pub fn read_queries(path: &Path) -> anyhow::Result<Vec<BeirQuery>> {
+    jsonl_lines::<BeirQuery>(path)?
+        .map(|r| {
+            let (line, q) = r?;
+            if q.text.trim().is_empty() && q.vector.is_empty() {
+                anyhow::bail!("{}:{line}: query {:?} has neither \"text\" nor \"vector\"", path.display(), q.id);
+            }
+            Ok(q)
+        })
+        .collect()
 }
 
 /// Reads a qrels TSV (`query-id corpus-id score`, optional header).
@@ -107,6 +132,25 @@ mod tests {
         std::fs::write(&c, "{\"_id\":\"1\",\"title\":\"t\",\"text\":\"x\"}\n\nnot json\n").unwrap();
         let err = read_jsonl::<CorpusDoc>(&c).unwrap_err().to_string();
         assert!(err.contains("corpus.jsonl:3"), "{err}");
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+
+    #[test]
+    fn corpus_and_query_lines_may_carry_vectors() {
+        let doc: CorpusDoc = serde_json::from_str(r#"{"_id":"d","text":"x","metadata":{"a":"b"},"vector":[1,0.5,-2]}"#).unwrap();
+        assert_eq!(doc.vector, vec![1.0, 0.5, -2.0]);
+        let plain: CorpusDoc = serde_json::from_str(r#"{"_id":"d","text":"x"}"#).unwrap();
+        assert!(plain.vector.is_empty());
+        let dir = std::env::temp_dir().join(format!("hardneg-beir-q-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let q = dir.join("queries.jsonl");
+        std::fs::write(&q, "{\"_id\":\"1\",\"text\":\"wing\"}\n\n{\"_id\":\"2\",\"vector\":[0.25,1]}\n").unwrap();
+        let qs = read_queries(&q).unwrap();
+        assert_eq!((qs[0].text.as_str(), qs[0].vector.len()), ("wing", 0));
+        assert_eq!((qs[1].text.as_str(), qs[1].vector.clone()), ("", vec![0.25, 1.0]));
+        std::fs::write(&q, "{\"_id\":\"1\",\"text\":\"wing\"}\n\n{\"_id\":\"2\",\"text\":\" \"}\n").unwrap();
+        let err = read_queries(&q).unwrap_err().to_string();
+        assert!(err.contains("queries.jsonl:3") && err.contains("neither \"text\" nor \"vector\""), "{err}");
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

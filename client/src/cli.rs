@@ -27,27 +27,26 @@ pub struct Cli {
 
 #[derive(Subcommand)]
 pub enum Command {
-    /// Create a collection bound to the server's encoder.
-    Create {
-        #[arg(long)]
-        collection: String,
-        #[arg(long, value_enum, default_value_t = MetricArg::Cosine)]
-        metric: MetricArg,
-        #[arg(long, value_enum, default_value_t = Quant::F32)]
-        quantization: Quant,
-        /// Prompt for query texts in place of the model's own ("" for none).
-        #[arg(long)]
-        query_prompt: Option<String>,
-        /// Prompt for document and positive texts in place of the model's own ("" for none).
-        #[arg(long)]
-        document_prompt: Option<String>,
-    },
+    /// Create a collection bound to the server's encoder, or (--dims) a vectors-only one.
+    Create(CreateFlags),
     /// Ingest a BEIR corpus.jsonl ({"_id","title","text"}); the encoded text is title + " " + text.
+    /// A vectors-only collection takes each document's vector from its line's "vector" or from
+    /// --vectors; the whole input is checked before the first document is sent.
     Ingest {
         #[arg(long)]
         collection: String,
+        /// BEIR corpus.jsonl; a line may carry "vector": [floats], its document's embedding.
+        #[arg(long, required_unless_present = "vectors")]
+        corpus: Option<PathBuf>,
+        /// Document vectors, read as `refresh --vectors` reads them: a .npy float32/float64
+        /// matrix with --ids, or JSONL of {"id","vector"}. With --corpus, each corpus document
+        /// takes the row of its id (every document needs one, and every row a document);
+        /// without it, each row is a document whose text is its id.
         #[arg(long)]
-        corpus: PathBuf,
+        vectors: Option<PathBuf>,
+        /// For .npy vectors: document ids, one per line, in row order.
+        #[arg(long, requires = "vectors")]
+        ids: Option<PathBuf>,
         /// Documents per Upsert call (each call is durable when it returns).
         #[arg(long, default_value_t = 256)]
         batch_size: usize,
@@ -62,7 +61,8 @@ pub enum Command {
         /// BEIR qrels TSV: a query's positive is its highest-scored judged document.
         #[arg(long, requires = "queries")]
         qrels: Option<PathBuf>,
-        /// JSONL of {"query": ..., "positive": ...} or {"query": ..., "positive_id": ...}.
+        /// JSONL of {"query": ..., "positive": ...} or {"query": ..., "positive_id": ...}; a
+        /// "vector": [floats] may stand in for (or go with) the query text.
         #[arg(long, required_unless_present = "queries")]
         pairs: Option<PathBuf>,
         #[arg(long, value_enum, default_value_t = Format::Jsonl)]
@@ -120,12 +120,37 @@ pub enum Command {
     Bench(BenchFlags),
 }
 
+/// `hardneg create` options.
+#[derive(Args, Clone)]
+pub struct CreateFlags {
+    #[arg(long)]
+    pub collection: String,
+    #[arg(long, value_enum, default_value_t = MetricArg::Cosine)]
+    pub metric: MetricArg,
+    #[arg(long, value_enum, default_value_t = Quant::F32)]
+    pub quantization: Quant,
+    /// Prompt for query texts in place of the model's own ("" for none).
+    #[arg(long)]
+    pub query_prompt: Option<String>,
+    /// Prompt for document and positive texts in place of the model's own ("" for none).
+    #[arg(long)]
+    pub document_prompt: Option<String>,
+    /// Make a vectors-only collection of this many dims: the server encodes no text, so it
+    /// takes no prompts; every document carries its vector (ingest: "vector" or --vectors) and
+    /// queries carry vectors.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..=65536), conflicts_with_all = ["query_prompt", "document_prompt"])]
+    pub dims: Option<u32>,
+    /// With --dims: the name of the encoder the vectors come from (server default "trainer").
+    #[arg(long, requires = "dims")]
+    pub encoder_name: Option<String>,
+}
+
 /// `hardneg bench` options.
 #[derive(Args, Clone)]
 pub struct BenchFlags {
     #[arg(long)]
     pub collection: String,
-    /// BEIR queries.jsonl to draw query texts from (cycled through in file order).
+    /// BEIR queries.jsonl to draw queries (texts or "vector"s) from, cycled through in file order.
     #[arg(long)]
     pub queries: PathBuf,
     /// Clients sending at once; each is a clone of the CLI's channel, so their calls share one

@@ -140,7 +140,28 @@ impl Client {
         self.create(req).await
     }
 
-    /// Creates a collection with every option of the request (metric, prompts).
+    /// Creates a vectors-only cosine collection of `dims`: the server encodes no text, so every
+    /// document and query carries its vector. `encoder_name` names where the vectors come from
+    /// (None: the server's default, "trainer").
+    pub async fn create_vectors_collection(
+        &mut self,
+        name: &str,
+        dims: u32,
+        quantization: proto::Quantization,
+        encoder_name: Option<&str>,
+    ) -> Result<proto::CollectionInfo> {
+        let req = proto::CreateCollectionRequest {
+            name: name.into(),
+            metric: proto::Metric::Cosine as i32,
+            quantization: quantization as i32,
+            dims,
+            encoder_name: encoder_name.unwrap_or_default().into(),
+            ..Default::default()
+        };
+        self.create(req).await
+    }
+
+    /// Creates a collection with every option of the request (metric, prompts, dims).
     pub async fn create(&mut self, req: proto::CreateCollectionRequest) -> Result<proto::CollectionInfo> {
         Ok(self.miner.create_collection(req).await?.into_inner())
     }
@@ -157,7 +178,8 @@ impl Client {
         Ok(self.miner.drop_collection(proto::DropCollectionRequest { name: name.into() }).await?.into_inner().dropped)
     }
 
-    /// Streams batches of documents into `collection`; returns once all are durable.
+    /// Streams batches of documents into `collection`; returns once all are durable. In a
+    /// vectors-only collection every document carries its `vector`.
     pub async fn upsert(
         &mut self,
         collection: &str,

@@ -30,6 +30,8 @@ pub struct ServerConfig {
     /// Empty: the token comes from HARDNEG_AUTH_TOKEN, or there is none.
     pub auth_token_file: PathBuf,
     pub data_dir: PathBuf,
+    /// The store's page cache, MiB.
+    pub store_cache_mb: usize,
     pub shutdown_grace_seconds: f64,
     pub shutdown_timeout_seconds: f64,
     /// PEM certificate chain and private key for TLS on the gRPC port; both empty: plaintext.
@@ -268,6 +270,7 @@ impl Config {
             ("limits.max_streams", self.limits.max_streams),
             ("limits.max_num_negatives", self.limits.max_num_negatives as usize),
             ("mining.default_range_max", self.mining.default_range_max as usize),
+            ("server.store_cache_mb", self.server.store_cache_mb),
         ];
         for (field, value) in positive {
             if value == 0 {
@@ -298,6 +301,7 @@ impl Config {
         for (field, value) in [
             ("server.shutdown_grace_seconds", self.server.shutdown_grace_seconds),
             ("server.shutdown_timeout_seconds", self.server.shutdown_timeout_seconds),
+            ("index.save_interval_seconds", self.index.save_interval_seconds),
         ] {
             if !(value >= 0.0 && value.is_finite()) {
                 return Err(ConfigError::Invalid { field, reason: "must be a finite number of seconds, 0 or more".into() });

@@ -21,6 +21,8 @@ pub struct IndexConfig {
     pub expansion_search: usize,
     /// Index operations running at once.
     pub threads: usize,
+    /// Seconds between background saves of written-to indexes; 0: none.
+    pub save_interval_seconds: f64,
 }
 
 #[derive(Debug, thiserror::Error)]
@@ -262,9 +264,29 @@ impl VectorIndex {
         .await
     }
 
-    /// Writes the index to `path` (the caller renames it into place).
+    /// Writes the index to `path` (the caller renames it into place, and keeps writers out
+    /// meanwhile; searches go on).
     pub fn save_blocking(&self, path: &Path) -> Result<(), IndexError> {
-        self.index.write().save(&path.to_string_lossy()).map_err(usearch_err)
+        self.index.read().save(&path.to_string_lossy()).map_err(usearch_err)
+    }
+
+    /// Whether `key` has a vector in the index.
+    pub fn contains(&self, key: u64) -> bool {
+        self.index.read().contains(key)
+    }
+
+    /// Removes keys from a caller already on a blocking thread; absent keys are skipped.
+    pub fn remove_blocking(&self, keys: &[u64]) -> Result<(), IndexError> {
+        let index = self.index.read();
+        for &key in keys {
+            index.remove(key).map_err(usearch_err)?;
+        }
+        Ok(())
+    }
+
+    /// Bytes the index holds in memory, as usearch counts them.
+    pub fn memory_usage(&self) -> usize {
+        self.index.read().memory_usage()
     }
 }
 
@@ -287,7 +309,7 @@ fn add_sync(
         guard.reserve_capacity_and_threads(capacity, threads).map_err(usearch_err)?;
     }
     let guard = index.read();
-    let workers = if items.len() >= 2048 { add_workers() } else { 1 };
+    let workers = if items.len() >= 256 { add_workers() } else { 1 };
     let chunk = items.len().div_ceil(workers).max(1);
     std::thread::scope(|s| {
         let handles: Vec<_> = items
@@ -311,7 +333,7 @@ mod tests {
     use super::*;
 
     fn cfg(exact_below: usize) -> IndexConfig {
-        IndexConfig { exact_search_below: exact_below, connectivity: 16, expansion_add: 128, expansion_search: 128, threads: 2 }
+        IndexConfig { exact_search_below: exact_below, connectivity: 16, expansion_add: 128, expansion_search: 128, threads: 2, save_interval_seconds: 0.0 }
     }
 
     /// Clustered unit vectors: deterministic, and with real neighbourhoods.

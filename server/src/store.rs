@@ -1,7 +1,9 @@
 //! The durable corpus store (redb, ACID): collection manifests, documents, the string id to
-//! u64 key mapping, and the documents' vectors per index generation (the current one, and one
-//! being built by a refresh). Anything acknowledged to a client has been committed here first;
-//! indexes can always be rebuilt from it. Making a built generation current is one commit.
+//! u64 key mapping, the documents' vectors per index generation (the current one, and one
+//! being built by a refresh), and the keys removed since the last index save (so a saved
+//! index can be brought up to date instead of rebuilt). Anything acknowledged to a client has
+//! been committed here first; indexes can always be rebuilt from it. Making a built
+//! generation current is one commit.
 use std::collections::{BTreeMap, HashMap};
 use std::path::Path;
 
@@ -114,6 +116,10 @@ pub struct CollectionMeta {
     /// Prompts set at creation in place of the encoder's own.
     #[serde(default, skip_serializing_if = "PromptOverrides::is_empty")]
     pub prompts: PromptOverrides,
+    /// Created with its own dims: documents carry their vectors, the server encodes no text.
+    /// Cleared when a checkpoint's generation becomes current.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub vectors_only: bool,
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -158,6 +164,13 @@ fn ids_table(name: &str) -> String {
 fn vecs_table(name: &str, generation: u64) -> String {
     format!("vecs/{name}/{generation}")
 }
+/// Keys removed (deleted, or replaced by an update) with the manifest version that removed
+/// them; pruned up to the version of the last saved index.
+fn gone_table(name: &str) -> String {
+    format!("gone/{name}")
+}
+
+type GoneDef<'a> = TableDefinition<'a, u64, u64>;
 
 type VecsDef<'a> = TableDefinition<'a, u64, &'static [u8]>;
 
@@ -179,8 +192,9 @@ fn encode<T: Serialize>(value: &T) -> Vec<u8> {
 }
 
 impl Store {
-    pub fn open(path: &Path) -> Result<Self, StoreError> {
-        let db = Database::create(path)?;
+    /// Opens (or creates) the store with a page cache of at most `cache_bytes`.
+    pub fn open(path: &Path, cache_bytes: usize) -> Result<Self, StoreError> {
+        let db = redb::Builder::new().set_cache_size(cache_bytes).create(path)?;
         let tx = db.begin_write()?;
         tx.open_table(COLLECTIONS)?;
         tx.commit()?;
@@ -211,6 +225,7 @@ impl Store {
             tx.open_table(TableDefinition::<u64, &[u8]>::new(&d))?;
             tx.open_table(TableDefinition::<&str, u64>::new(&i))?;
             tx.open_table(VecsDef::new(&v))?;
+            tx.open_table(GoneDef::new(&gone_table(&meta.name)))?;
         }
         tx.commit()?;
         Ok(true)
@@ -231,6 +246,7 @@ impl Store {
             for g in std::iter::once(&meta.current).chain(&meta.building) {
                 tx.delete_table(VecsDef::new(&vecs_table(name, g.number)))?;
             }
+            tx.delete_table(GoneDef::new(&gone_table(name)))?;
         }
         tx.commit()?;
         Ok(true)
@@ -264,6 +280,8 @@ impl Store {
             let mut vecs_t = tx.open_table(VecsDef::new(&v))?;
             let building = meta.building.as_ref().map(|b| vecs_table(name, b.number));
             let mut building_t = building.as_ref().map(|b| tx.open_table(VecsDef::new(b))).transpose()?;
+            let mut gone_t = tx.open_table(GoneDef::new(&gone_table(name)))?;
+            let version = meta.version + 1;
             for (doc, vector) in docs {
                 let key = meta.next_key;
                 meta.next_key += 1;
@@ -271,6 +289,7 @@ impl Store {
                 if let Some(old) = replaced {
                     docs_t.remove(old)?;
                     vecs_t.remove(old)?;
+                    gone_t.insert(old, version)?;
                     if let Some(t) = building_t.as_mut() {
                         t.remove(old)?;
                     }
@@ -283,7 +302,7 @@ impl Store {
                 }
                 written.push(Written { key, replaced });
             }
-            meta.version += 1;
+            meta.version = version;
             collections.insert(name, encode(&meta).as_slice())?;
             meta
         };
@@ -310,11 +329,13 @@ impl Store {
             let mut vecs_t = tx.open_table(VecsDef::new(&v))?;
             let building = meta.building.as_ref().map(|b| vecs_table(name, b.number));
             let mut building_t = building.as_ref().map(|b| tx.open_table(VecsDef::new(b))).transpose()?;
+            let mut gone_t = tx.open_table(GoneDef::new(&gone_table(name)))?;
             for id in ids {
                 match ids_t.remove(id.as_str())?.map(|k| k.value()) {
                     Some(key) => {
                         docs_t.remove(key)?;
                         vecs_t.remove(key)?;
+                        gone_t.insert(key, meta.version + 1)?;
                         if let Some(t) = building_t.as_mut() {
                             t.remove(key)?;
                         }
@@ -347,15 +368,84 @@ impl Store {
 
     /// Every vector of a generation with its key, in key order.
     pub fn scan_vectors(&self, name: &str, generation: u64) -> Result<Vec<(u64, Vec<f32>)>, StoreError> {
-        let tx = self.db.begin_read()?;
+        let mut out = Vec::new();
+        self.for_each_vector_chunk(name, generation, 0, usize::MAX, |chunk| -> Result<(), StoreError> {
+            out.extend(chunk);
+            Ok(())
+        })?;
+        Ok(out)
+    }
+
+    /// The vectors of a generation with keys from `from_key` on, in key order, handed to `f`
+    /// `chunk` at a time, so that no more than one chunk is in memory at once.
+    pub fn for_each_vector_chunk<E: From<StoreError>>(
+        &self,
+        name: &str,
+        generation: u64,
+        from_key: u64,
+        chunk: usize,
+        mut f: impl FnMut(Vec<(u64, Vec<f32>)>) -> Result<(), E>,
+    ) -> Result<(), E> {
+        let tx = self.db.begin_read().map_err(StoreError::from)?;
         let v = vecs_table(name, generation);
-        let table = tx.open_table(VecsDef::new(&v))?;
+        let table = tx.open_table(VecsDef::new(&v)).map_err(StoreError::from)?;
+        let mut rows = Vec::new();
+        for row in table.range(from_key..).map_err(StoreError::from)? {
+            let (k, raw) = row.map_err(StoreError::from)?;
+            rows.push((k.value(), bytes_to_vec(raw.value())));
+            if rows.len() >= chunk {
+                f(std::mem::take(&mut rows))?;
+            }
+        }
+        if !rows.is_empty() {
+            f(rows)?;
+        }
+        Ok(())
+    }
+
+    /// The keys of a generation's vectors, in key order.
+    pub fn vector_keys(&self, name: &str, generation: u64) -> Result<Vec<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = tx.open_table(VecsDef::new(&vecs_table(name, generation)))?;
         let mut out = Vec::with_capacity(table.len()? as usize);
         for row in table.iter()? {
-            let (k, raw) = row?;
-            out.push((k.value(), bytes_to_vec(raw.value())));
+            out.push(row?.0.value());
         }
         Ok(out)
+    }
+
+    /// Keys removed by writes after manifest version `version` (a collection made before the
+    /// store kept them has none recorded).
+    pub fn removed_since(&self, name: &str, version: u64) -> Result<Vec<u64>, StoreError> {
+        let tx = self.db.begin_read()?;
+        let table = match tx.open_table(GoneDef::new(&gone_table(name))) {
+            Ok(t) => t,
+            Err(redb::TableError::TableDoesNotExist(_)) => return Ok(Vec::new()),
+            Err(e) => return Err(e.into()),
+        };
+        let mut out = Vec::new();
+        for row in table.iter()? {
+            let (k, v) = row?;
+            if v.value() > version {
+                out.push(k.value());
+            }
+        }
+        Ok(out)
+    }
+
+    /// Forgets removals up to manifest version `version` (an index saved at that version
+    /// reflects them).
+    pub fn prune_removed(&self, name: &str, version: u64) -> Result<(), StoreError> {
+        let tx = self.db.begin_write()?;
+        {
+            let collections = tx.open_table(COLLECTIONS)?;
+            if collections.get(name)?.is_none() {
+                return Ok(());
+            }
+            tx.open_table(GoneDef::new(&gone_table(name)))?.retain(|_, v| v > version)?;
+        }
+        tx.commit()?;
+        Ok(())
     }
 
     /// Starts a generation: records it as being built and creates its (empty) vector table.
@@ -419,6 +509,9 @@ impl Store {
                 return Err(StoreError::Busy(format!("generation {generation} of {name:?} is not being built")));
             };
             tx.delete_table(VecsDef::new(&vecs_table(name, meta.current.number)))?;
+            if building.encoder.kind != EncoderKind::Trainer {
+                meta.vectors_only = false;
+            }
             meta.current = building;
             meta.version += 1;
             collections.insert(name, encode(&meta).as_slice())?;
@@ -490,6 +583,7 @@ mod tests {
             doc_count: 0,
             created_at_unix: 0,
             prompts: Default::default(),
+            vectors_only: false,
         }
     }
 
@@ -517,7 +611,7 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
         {
-            let store = Store::open(&path).unwrap();
+            let store = Store::open(&path, 1 << 20).unwrap();
             assert!(store.create_collection(&meta("c")).unwrap());
             assert!(!store.create_collection(&meta("c")).unwrap(), "name taken");
             let (m, w) = store
@@ -531,7 +625,7 @@ mod tests {
             let (m, removed, missing) = store.delete("c", &["b".into(), "zz".into()]).unwrap();
             assert_eq!((m.doc_count, removed, missing), (1, vec![1], vec!["zz".to_string()]));
         }
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, 1 << 20).unwrap();
         let metas = store.collections().unwrap();
         assert_eq!(metas.len(), 1);
         assert_eq!(metas[0].version, 3);
@@ -548,7 +642,7 @@ mod tests {
     fn a_generation_becomes_current_in_one_commit_or_not_at_all() {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("store.redb");
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, 1 << 20).unwrap();
         store.create_collection(&meta("c")).unwrap();
         store.upsert("c", &[(doc("a", "alpha"), Some(vec![1.0, 0.0])), (doc("b", "beta"), Some(vec![0.0, 1.0]))]).unwrap();
         let m = store.begin_generation("c", &generation(2, "next")).unwrap();
@@ -563,7 +657,7 @@ mod tests {
         // A crash before the commit: reopen, the old generation is current and the build is
         // still recorded, so the server can drop it.
         drop(store);
-        let store = Store::open(&path).unwrap();
+        let store = Store::open(&path, 1 << 20).unwrap();
         let m = &store.collections().unwrap()[0];
         assert_eq!((m.current.number, m.building.as_ref().map(|b| b.number)), (1, Some(2)));
         let m = store.commit_generation("c", 2).unwrap();
@@ -575,6 +669,33 @@ mod tests {
         assert_eq!(store.abort_generation("c").unwrap().unwrap().number, 3);
         assert!(store.collections().unwrap()[0].building.is_none());
         assert!(store.drop_collection("c").unwrap());
+    }
+
+    #[test]
+    fn removals_are_kept_until_a_save_covers_them_and_vectors_come_in_chunks() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = Store::open(&dir.path().join("store.redb"), 1 << 20).unwrap();
+        store.create_collection(&meta("c")).unwrap();
+        let docs: Vec<(StoredDoc, Option<Vec<f32>>)> = (0..5).map(|i| (doc(&format!("d{i}"), "t"), Some(vec![i as f32, 1.0]))).collect();
+        let (m, _) = store.upsert("c", &docs).unwrap();
+        assert_eq!(m.version, 1);
+        store.upsert("c", &[(doc("d1", "t2"), Some(vec![9.0, 9.0]))]).unwrap(); // version 2: key 1 replaced by 5
+        store.delete("c", &["d3".into()]).unwrap(); // version 3: key 3 removed
+        assert_eq!(store.removed_since("c", 0).unwrap(), vec![1, 3]);
+        assert_eq!(store.removed_since("c", 2).unwrap(), vec![3]);
+        store.prune_removed("c", 2).unwrap();
+        assert_eq!(store.removed_since("c", 0).unwrap(), vec![3], "pruned up to version 2");
+        let mut chunks = Vec::new();
+        store
+            .for_each_vector_chunk("c", 1, 2, 2, |chunk| -> Result<(), StoreError> {
+                chunks.push(chunk.iter().map(|(k, _)| *k).collect::<Vec<_>>());
+                Ok(())
+            })
+            .unwrap();
+        assert_eq!(chunks, vec![vec![2, 4], vec![5]], "keys from 2 on, two at a time");
+        assert_eq!(store.vector_keys("c", 1).unwrap(), vec![0, 2, 4, 5]);
+        assert!(store.drop_collection("c").unwrap());
+        assert!(store.removed_since("c", 0).unwrap().is_empty());
     }
 
     #[test]

@@ -90,7 +90,7 @@ fn bench_request(flags: &BenchFlags, qs: &[BeirQuery], n: usize) -> proto::MineR
         queries: (0..flags.batch_size)
             .map(|j| {
                 let q = &qs[(n * flags.batch_size + j) % qs.len()];
-                proto::Query { id: q.id.clone(), text: q.text.clone(), ..Default::default() }
+                proto::Query { id: q.id.clone(), text: q.text.clone(), vector: q.vector.clone(), ..Default::default() }
             })
             .collect(),
         options: Some(proto::MineOptions {
@@ -184,7 +184,7 @@ pub async fn bench(client: &mut Client, flags: BenchFlags) -> anyhow::Result<boo
     if flags.duration_seconds.is_some_and(|d| !(d > 0.0 && d.is_finite())) {
         bail!("--duration-seconds must be a positive number");
     }
-    let qs: Vec<BeirQuery> = beir::read_jsonl(&flags.queries)?;
+    let qs = beir::read_queries(&flags.queries)?;
     if qs.is_empty() {
         bail!("{}: no queries", flags.queries.display());
     }
@@ -269,7 +269,7 @@ mod tests {
         }
         let args = ["bench", "--collection", "c", "--queries", "q.jsonl", "--batch-size", "3", "--rerank-candidates", "9"];
         let flags = Wrap::try_parse_from(args).expect("valid flags").flags;
-        let qs: Vec<BeirQuery> = (0..4).map(|i| BeirQuery { id: i.to_string(), text: format!("query {i}") }).collect();
+        let qs: Vec<BeirQuery> = (0..4).map(|i| BeirQuery { id: i.to_string(), text: format!("query {i}"), vector: Vec::new() }).collect();
         let req = bench_request(&flags, &qs, 1);
         assert_eq!(req.queries.iter().map(|q| q.id.as_str()).collect::<Vec<_>>(), vec!["3", "0", "1"]);
         let options = req.options.expect("options set");

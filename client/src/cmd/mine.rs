@@ -33,7 +33,7 @@ pub async fn mine_all(
                 .map(|q| proto::Query {
                     id: q.id.clone(),
                     text: q.text.clone(),
-                    vector: Vec::new(),
+                    vector: q.vector.clone(),
                     positive_ids: q.positive_id.iter().cloned().collect(),
                     positive_texts: q.positive_text.iter().cloned().collect(),
                 })
@@ -86,6 +86,9 @@ pub async fn mine(
         _ => bail!("give --queries with --qrels, or --pairs"),
     };
     let triplets = format == Format::Triplet;
+    if triplets && let Some(q) = inputs.iter().find(|q| q.text.trim().is_empty()) {
+        bail!("--format triplet uses each query's text as the anchor, but query {:?} has only a vector", q.id);
+    }
     let results = mine_all(client, collection, &inputs, opts.options(true), opts.batch_size).await?;
     let mut positive_texts: HashMap<String, String> = HashMap::new();
     if triplets {

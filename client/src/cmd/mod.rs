@@ -1,5 +1,6 @@
 //! One module per command; [`run`] connects and dispatches.
 mod bench;
+mod create;
 mod eval;
 mod ingest;
 mod mine;
@@ -9,7 +10,7 @@ use anyhow::Context;
 use hardneg_client::{Client, proto};
 use serde_json::json;
 
-use crate::cli::{Cli, Command, MetricArg, Quant};
+use crate::cli::{Cli, Command};
 
 /// Connects and runs the command; false when it ran but failed (health, bench).
 pub async fn run(cli: Cli) -> anyhow::Result<bool> {
@@ -20,21 +21,14 @@ pub async fn run(cli: Cli) -> anyhow::Result<bool> {
     let options = hardneg_client::ConnectOptions { token: cli.token.clone(), tls_ca_pem, tls_domain: cli.tls_domain.clone() };
     let mut client = Client::connect_with(&cli.addr, &options).await.with_context(|| format!("is hardneg-server running at {}?", cli.addr))?;
     match cli.command {
-        Command::Create { collection, metric, quantization, query_prompt, document_prompt } => {
-            let quantization = match quantization {
-                Quant::F32 => proto::Quantization::F32,
-                Quant::F16 => proto::Quantization::F16,
-                Quant::I8 => proto::Quantization::I8,
-            } as i32;
-            let metric = match metric {
-                MetricArg::Cosine => proto::Metric::Cosine,
-                MetricArg::Ip => proto::Metric::InnerProduct,
-            } as i32;
-            let req = proto::CreateCollectionRequest { name: collection, metric, quantization, query_prompt, document_prompt };
-            let info = client.create(req).await?;
+        Command::Create(flags) => {
+            let info = client.create(create::request(&flags)).await?;
             println!("{}", info_json(&info));
         }
-        Command::Ingest { collection, corpus, batch_size } => ingest::ingest(&mut client, &collection, &corpus, batch_size).await?,
+        Command::Ingest { collection, corpus, vectors, ids, batch_size } => {
+            let input = ingest::Input { corpus, vectors, ids };
+            ingest::ingest(&mut client, &collection, &input, batch_size).await?
+        }
         Command::Mine { collection, queries, qrels, pairs, format, opts } => {
             mine::mine(&mut client, &collection, queries, qrels, pairs, format, &opts).await?
         }
@@ -77,7 +71,8 @@ fn info_json(info: &proto::CollectionInfo) -> serde_json::Value {
     json!({"name": info.name, "doc_count": info.doc_count, "dims": info.dims, "metric": metric, "quantization": quant,
            "generation": info.generation, "encoder": info.encoder_name, "encoder_kind": info.encoder_kind,
            "encoder_fingerprint": info.encoder_fingerprint, "query_prompt": info.query_prompt,
-           "document_prompt": info.document_prompt, "pending_documents": info.pending_documents,
+           "document_prompt": info.document_prompt, "vectors_only": info.vectors_only,
+           "pending_documents": info.pending_documents,
            "building_generation": info.building_generation,
            "refresh": info.refresh.as_ref().map(|p| json!({"generation": p.generation, "phase": p.phase, "done": p.done, "total": p.total}))})
 }

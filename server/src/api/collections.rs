@@ -1,6 +1,6 @@
 //! CreateCollection, GetCollection, ListCollections, DropCollection.
 use super::status::Refusal;
-use super::validate::{validate_name, validate_prompts};
+use super::validate::{VectorsOnly, validate_name, validate_prompts, validate_vectors_only};
 use super::{MinerService, convert};
 use crate::proto as pb;
 
@@ -9,8 +9,14 @@ impl MinerService {
         validate_name("name", &req.name)?;
         let metric = convert::metric(req.metric)?;
         let quantization = convert::quantization(req.quantization)?;
-        let prompts = validate_prompts(&req, self.cfg.limits.max_text_chars)?;
-        Ok(convert::collection_info(self.engine.create(&req.name, metric, quantization, prompts).await?))
+        let created = match validate_vectors_only(&req)? {
+            Some(VectorsOnly { dims, encoder_name }) => self.engine.create_vectors_only(&req.name, metric, quantization, dims, &encoder_name).await?,
+            None => {
+                let prompts = validate_prompts(&req, self.cfg.limits.max_text_chars)?;
+                self.engine.create(&req.name, metric, quantization, prompts).await?
+            }
+        };
+        Ok(convert::collection_info(created))
     }
 
     pub(super) async fn get_collection(&self, req: pb::GetCollectionRequest) -> Result<pb::CollectionInfo, Refusal> {

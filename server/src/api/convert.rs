@@ -93,6 +93,7 @@ pub fn collection_info(s: CollectionSummary) -> pb::CollectionInfo {
         pending_documents: s.pending_documents,
         building_generation: s.building_generation,
         refresh: s.refresh.as_ref().map(refresh_progress),
+        vectors_only: s.vectors_only,
         query_prompt: s.prompts.query.clone().unwrap_or_default(),
         document_prompt: s.prompts.document.clone().unwrap_or_default(),
     }
@@ -131,5 +132,5 @@ pub fn quantization(value: i32) -> Result<Quantization> {
 }
 
 pub fn document(d: StoredDoc) -> pb::Document {
-    pb::Document { id: d.id, text: d.text, title: d.title, metadata: d.metadata.into_iter().collect() }
+    pb::Document { id: d.id, text: d.text, title: d.title, metadata: d.metadata.into_iter().collect(), vector: Vec::new() }
 }

@@ -38,7 +38,7 @@ impl MinerService {
             };
             let docs = validate_docs(&msg.documents, &self.cfg)?;
             let coll = coll.as_ref().expect("set with the first message");
-            let (i, u) = self.engine.upsert(coll, docs).await.map_err(|e| {
+            let (i, u) = self.engine.upsert_docs(coll, docs).await.map_err(|e| {
                 tracing::debug!(collection = %name, error = %e, "upsert failed");
                 e
             })?;

@@ -4,6 +4,7 @@
 use std::path::{Path, PathBuf};
 
 use crate::config::{Config, LimitsConfig};
+use crate::engine::NewDoc;
 use crate::error::{Error, Result};
 use crate::mine::{Filters, MineParams, RerankFilters, Sampling};
 use crate::proto as pb;
@@ -37,6 +38,40 @@ fn check_metadata(field: &str, metadata: &std::collections::HashMap<String, Stri
         return Err(Error::invalid(field, format!("holds {bytes} bytes, the limit is {} (limits.max_metadata_bytes)", limits.max_metadata_bytes)));
     }
     Ok(())
+}
+
+/// Dims at most, for vectors-only collections and uploaded vectors.
+const MAX_DIMS: usize = 65536;
+
+/// What a CreateCollection with `dims` asks for.
+pub struct VectorsOnly {
+    pub dims: u32,
+    pub encoder_name: String,
+}
+
+/// A CreateCollection's `dims` and `encoder_name`: None for an encoded collection (dims 0,
+/// no encoder_name); else dims in 1..=65536, no prompts, and an encoder name of at most 256
+/// bytes ("trainer" when empty).
+pub fn validate_vectors_only(req: &pb::CreateCollectionRequest) -> Result<Option<VectorsOnly>> {
+    if req.dims == 0 {
+        if !req.encoder_name.is_empty() {
+            return Err(Error::invalid("encoder_name", "is for vectors-only collections: set dims too, or leave encoder_name empty"));
+        }
+        return Ok(None);
+    }
+    if req.dims as usize > MAX_DIMS {
+        return Err(Error::invalid("dims", format!("is {}, the limit is {MAX_DIMS}", req.dims)));
+    }
+    for (field, p) in [("query_prompt", &req.query_prompt), ("document_prompt", &req.document_prompt)] {
+        if p.is_some() {
+            return Err(Error::invalid(field, "is set, but a vectors-only collection (dims) encodes no text: leave it unset"));
+        }
+    }
+    if req.encoder_name.len() > 256 {
+        return Err(Error::invalid("encoder_name", "is longer than 256 bytes"));
+    }
+    let encoder_name = if req.encoder_name.is_empty() { "trainer".to_string() } else { req.encoder_name.clone() };
+    Ok(Some(VectorsOnly { dims: req.dims, encoder_name }))
 }
 
 /// A CreateCollection's prompts: each at most `limit` characters ("" is no prompt).
@@ -286,8 +321,10 @@ fn apply_denoised(o: &mut pb::MineOptions) {
     o.adaptive_depth.get_or_insert(true);
 }
 
-/// One Upsert message's documents: ids, texts and titles within their limits.
-pub fn validate_docs(docs: &[pb::Document], cfg: &Config) -> Result<Vec<StoredDoc>> {
+/// One Upsert message's documents: ids, texts and titles within their limits, vectors (when
+/// given) finite and of at most 65536 dims. Checks against the collection (dims, whether it
+/// takes vectors) are the engine's.
+pub fn validate_docs(docs: &[pb::Document], cfg: &Config) -> Result<Vec<NewDoc>> {
     if docs.len() > cfg.limits.max_docs_per_message {
         return Err(Error::invalid(
             "documents",
@@ -315,12 +352,19 @@ pub fn validate_docs(docs: &[pb::Document], cfg: &Config) -> Result<Vec<StoredDo
                 }
             }
             check_metadata(&format!("documents[{i}].metadata"), &d.metadata, &cfg.limits)?;
-            Ok(StoredDoc {
+            if d.vector.len() > MAX_DIMS {
+                return Err(Error::invalid(format!("documents[{i}].vector"), format!("has {} dims, the limit is {MAX_DIMS}", d.vector.len())));
+            }
+            if let Some(j) = d.vector.iter().position(|x| !x.is_finite()) {
+                return Err(Error::invalid(format!("documents[{i}].vector[{j}]"), format!("must be finite, got {}", d.vector[j])));
+            }
+            let doc = StoredDoc {
                 id: d.id.clone(),
                 title: d.title.clone().filter(|t| !t.trim().is_empty()),
                 text: d.text.clone(),
                 metadata: d.metadata.clone().into_iter().collect(),
-            })
+            };
+            Ok((doc, (!d.vector.is_empty()).then(|| d.vector.clone())))
         })
         .collect()
 }
@@ -379,7 +423,7 @@ pub fn check_vectors(vectors: &[pb::DocumentVector], cfg: &Config) -> Result<()>
         if v.id.is_empty() {
             return Err(Error::invalid(format!("vectors[{i}].id"), "is empty"));
         }
-        if v.vector.is_empty() || v.vector.len() != dims || dims > 65536 {
+        if v.vector.is_empty() || v.vector.len() != dims || dims > MAX_DIMS {
             return Err(Error::invalid(format!("vectors[{i}].vector"), format!("has {} dims, vectors[0] has {dims}", v.vector.len())));
         }
         if let Some(j) = v.vector.iter().position(|x| !x.is_finite()) {

@@ -3,7 +3,7 @@
 //! everyone else goes through methods.
 use std::collections::{HashMap, HashSet};
 use std::sync::Arc;
-use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
 
 use parking_lot::RwLock;
 
@@ -112,11 +112,14 @@ pub struct Collection {
     /// Set by DropCollection under the write lock: writers still holding this collection
     /// must not touch a new one created under the same name.
     dropped: AtomicBool,
+    /// The manifest version the current generation's saved index reflects.
+    saved_version: AtomicU64,
 }
 
 impl Collection {
     pub(super) fn new(meta: CollectionMeta, metric: Metric, quantization: Quantization, generation: Generation, docs: DocTable) -> Self {
         let (generation_tx, _) = tokio::sync::watch::channel(generation.meta.number);
+        let saved_version = AtomicU64::new(meta.version);
         Self {
             meta: RwLock::new(meta),
             metric,
@@ -127,7 +130,17 @@ impl Collection {
             write: tokio::sync::Mutex::new(()),
             refresh: parking_lot::Mutex::new(None),
             dropped: AtomicBool::new(false),
+            saved_version,
         }
+    }
+
+    /// The manifest version of the last index save of the current generation.
+    pub(super) fn saved_version(&self) -> u64 {
+        self.saved_version.load(Ordering::Acquire)
+    }
+
+    pub(super) fn set_saved_version(&self, version: u64) {
+        self.saved_version.store(version, Ordering::Release);
     }
 
     pub fn name(&self) -> String {
@@ -170,9 +183,11 @@ impl Collection {
         self.current.read().clone()
     }
 
-    /// Makes `generation` current (call under the write lock, after the store commit).
-    pub(super) fn swap(&self, meta: CollectionMeta, generation: Generation) {
+    /// Makes `generation` current (call under the write lock, after the store commit), with
+    /// whether its index was saved at `meta`'s version.
+    pub(super) fn swap(&self, meta: CollectionMeta, generation: Generation, saved: bool) {
         let number = generation.meta.number;
+        self.set_saved_version(if saved { meta.version } else { 0 });
         *self.current.write() = Arc::new(generation);
         *self.meta.write() = meta;
         self.docs.write().pending.clear();

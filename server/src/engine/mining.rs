@@ -77,6 +77,17 @@ impl Engine {
         }
         let current = coll.current();
         let dims = current.dims();
+        if current.encoder.is_none() {
+            if let Some(i) = batch.queries.iter().position(|q| q.vector.is_empty()) {
+                return Err(Error::FailedPrecondition(format!("queries[{i}].vector is empty and {}", current.no_text)));
+            }
+            if let Some(i) = batch.queries.iter().position(|q| !q.positive_texts.is_empty()) {
+                return Err(Error::FailedPrecondition(format!(
+                    "queries[{i}].positive_texts: {}; name positives by positive_ids instead",
+                    current.no_text
+                )));
+            }
+        }
         for (i, q) in batch.queries.iter().enumerate() {
             if !q.vector.is_empty() && q.vector.len() != dims {
                 return Err(Error::invalid(

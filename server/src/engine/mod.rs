@@ -30,6 +30,7 @@ use parking_lot::RwLock;
 pub use collection::Collection;
 pub use progress::{RefreshPhase, RefreshProgress};
 pub use registry::CollectionSummary;
+pub use writes::NewDoc;
 
 use crate::config::Config;
 use crate::encode::{Encoder, Reranker};
@@ -63,7 +64,7 @@ impl Engine {
     pub fn open(cfg: Arc<Config>, encoder: Encoder, reranker: Option<Reranker>) -> anyhow::Result<Self> {
         let data_dir = &cfg.server.data_dir;
         std::fs::create_dir_all(data_dir)?;
-        let store = Arc::new(Store::open(&data_dir.join("store.redb"))?);
+        let store = Arc::new(Store::open(&data_dir.join("store.redb"), cfg.server.store_cache_mb << 20)?);
         let index_dir = data_dir.join("indexes");
         std::fs::create_dir_all(&index_dir)?;
         let engine = Self {

@@ -1,7 +1,10 @@
-//! Saved indexes: each collection's current generation is saved with a manifest naming the
-//! store version and vector space it reflects; at start a saved index is loaded only when its
-//! manifest matches the store, otherwise the index is rebuilt from the stored vectors.
-use std::collections::HashSet;
+//! Saved indexes: each collection's current generation is saved (at shutdown, after a refresh,
+//! and in the background every `index.save_interval_seconds` once written to) with a manifest
+//! naming the store version and vector space it reflects. At start a saved index of the
+//! current generation is loaded and brought up to date with the writes made after it: the
+//! keys removed since its version come out, the vectors of keys issued since its `next_key`
+//! go in. Keys are never reused, so that is all that can have changed. Without a usable save,
+//! the index is rebuilt from the stored vectors, a chunk at a time.
 use std::path::{Path, PathBuf};
 use std::sync::Arc;
 
@@ -24,6 +27,9 @@ pub(super) struct IndexManifest {
     encoder_fingerprint: String,
     doc_count: u64,
     created_at_unix: u64,
+    /// The store's next key at the save: every key issued since is newer.
+    #[serde(default)]
+    next_key: u64,
 }
 
 impl IndexManifest {
@@ -39,9 +45,28 @@ impl IndexManifest {
             encoder_fingerprint: meta.current.encoder.fingerprint.clone(),
             doc_count: meta.doc_count,
             created_at_unix: meta.current.created_at_unix,
+            next_key: meta.next_key,
         }
     }
+
+    /// Whether an index saved with this manifest holds the vector space `now` describes, at
+    /// or before its store version, so that replaying the writes since brings it up to date.
+    /// A manifest written before `next_key` was recorded (0) only matches exactly.
+    fn replays_to(&self, now: &IndexManifest) -> bool {
+        let same_space = self.generation == now.generation
+            && self.dims == now.dims
+            && self.metric == now.metric
+            && self.quantization == now.quantization
+            && self.encoder_name == now.encoder_name
+            && self.encoder_fingerprint == now.encoder_fingerprint
+            && self.created_at_unix == now.created_at_unix;
+        let exact = self.version == now.version && self.doc_count == now.doc_count;
+        same_space && (exact || (self.next_key > 0 && self.version < now.version && self.next_key <= now.next_key))
+    }
 }
+
+/// Vectors added to an index per step of a rebuild or replay (bounds the memory it takes).
+const REBUILD_CHUNK: usize = 16384;
 
 /// The directory of generation `number`'s saved index.
 fn generation_dir(collection_dir: &Path, number: u64) -> PathBuf {
@@ -69,32 +94,83 @@ pub(super) fn save_index(index: &VectorIndex, collection_dir: &Path, manifest: &
 }
 
 impl Engine {
-    /// Saves every collection's current index with its manifest.
+    /// Saves the current index of every collection written to since its last save.
     pub async fn save_indexes(&self) -> Result<()> {
         let colls: Vec<Arc<super::Collection>> = self.collections.read().values().cloned().collect();
         for coll in colls {
-            let _w = coll.write.lock().await;
-            if coll.is_dropped() {
-                continue;
-            }
-            let meta = coll.meta.read().clone();
-            let dir = self.index_dir.join(&meta.name);
-            let generation = coll.current();
-            blocking(move || save_index(&generation.index, &dir, &IndexManifest::of(&meta))).await?;
+            self.save_collection_index(&coll).await?;
         }
         Ok(())
     }
 
-    /// Saves a new generation's index (a failed save costs only a rebuild at the next start).
-    pub(super) async fn save_new_generation(&self, meta: &CollectionMeta, index: VectorIndex) -> Result<VectorIndex> {
+    /// Saves the collection's current index when the store has moved on since its last save
+    /// (holding its writers off meanwhile), then forgets the removals the save reflects.
+    async fn save_collection_index(&self, coll: &super::Collection) -> Result<()> {
+        if coll.meta.read().version == coll.saved_version() {
+            return Ok(());
+        }
+        let _w = coll.write.lock().await;
+        if coll.is_dropped() {
+            return Ok(());
+        }
+        let meta = coll.meta.read().clone();
+        let dir = self.index_dir.join(&meta.name);
+        let generation = coll.current();
+        let started = std::time::Instant::now();
+        let (name, version) = (meta.name.clone(), meta.version);
+        blocking(move || save_index(&generation.index, &dir, &IndexManifest::of(&meta))).await?;
+        coll.set_saved_version(version);
+        let store = self.store.clone();
+        let n = name.clone();
+        blocking(move || Ok(store.prune_removed(&n, version)?)).await?;
+        tracing::info!(collection = %name, version, seconds = started.elapsed().as_secs_f64(), "index saved");
+        Ok(())
+    }
+
+    /// Every `index.save_interval_seconds`, saves the indexes written to since their last
+    /// save, until shutdown begins. A failed save is logged and tried again next time.
+    pub async fn save_periodically(self: Arc<Self>) {
+        let seconds = self.cfg.index.save_interval_seconds;
+        if seconds <= 0.0 {
+            return;
+        }
+        let mut shutdown = self.shutdown_watch();
+        let mut tick = tokio::time::interval(std::time::Duration::from_secs_f64(seconds));
+        tick.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        tick.tick().await;
+        loop {
+            tokio::select! {
+                _ = tick.tick() => {}
+                _ = shutdown.wait_for(|s| *s) => return,
+            }
+            let colls: Vec<Arc<super::Collection>> = self.collections.read().values().cloned().collect();
+            for coll in colls {
+                if self.is_shutting_down() {
+                    return;
+                }
+                if let Err(e) = self.save_collection_index(&coll).await {
+                    tracing::warn!(collection = %coll.name(), error = %e, "background index save failed; the next one tries again");
+                }
+            }
+        }
+    }
+
+    /// Saves a new generation's index (a failed save costs only a rebuild at the next
+    /// start); with whether it was saved.
+    pub(super) async fn save_new_generation(&self, meta: &CollectionMeta, index: VectorIndex) -> Result<(VectorIndex, bool)> {
         let dir = self.index_dir.join(&meta.name);
         let index = Arc::new(index);
         let saved = index.clone();
         let manifest = IndexManifest::of(meta);
-        if let Err(e) = blocking(move || save_index(&saved, &dir, &manifest)).await {
-            tracing::warn!(collection = %meta.name, generation = meta.current.number, error = %e, "could not save the new generation's index; it will be rebuilt at start");
-        }
-        Arc::try_unwrap(index).map_err(|_| Error::Internal("the index is still shared after its save".into()))
+        let ok = match blocking(move || save_index(&saved, &dir, &manifest)).await {
+            Ok(()) => true,
+            Err(e) => {
+                tracing::warn!(collection = %meta.name, generation = meta.current.number, error = %e, "could not save the new generation's index; it will be rebuilt at start");
+                false
+            }
+        };
+        let index = Arc::try_unwrap(index).map_err(|_| Error::Internal("the index is still shared after its save".into()))?;
+        Ok((index, ok))
     }
 
     /// Removes saved indexes of generations before `current`. In-memory generations go
@@ -111,9 +187,10 @@ impl Engine {
         }
     }
 
-    /// The current generation's index, loaded from its saved file when the manifest matches
-    /// the store, else rebuilt from the stored vectors; with the keys that have a vector.
-    pub(super) fn load_index(&self, meta: &CollectionMeta, metric: Metric, quantization: Quantization) -> anyhow::Result<(VectorIndex, HashSet<u64>)> {
+    /// The current generation's index: its saved file brought up to date with the store when
+    /// there is a usable one (see the module doc), else rebuilt from the stored vectors; with
+    /// the store version it was last saved at (0: not saved).
+    pub(super) fn load_index(&self, meta: &CollectionMeta, metric: Metric, quantization: Quantization) -> anyhow::Result<(VectorIndex, u64)> {
         let coll_dir = self.index_dir.join(&meta.name);
         let gen_dir = generation_dir(&coll_dir, meta.current.number);
         // Everything but the current generation's saved index is left over from an older
@@ -131,23 +208,40 @@ impl Engine {
             .ok()
             .and_then(|b| serde_json::from_slice(&b).ok());
         let dims = meta.current.dims as usize;
-        let vectors = self.store.scan_vectors(&meta.name, meta.current.number)?;
-        let index = match saved {
-            Some(m) if m == expected => {
+        let (name, number) = (meta.name.as_str(), meta.current.number);
+        let add = |index: &VectorIndex, from_key: u64| -> anyhow::Result<usize> {
+            let mut added = 0;
+            self.store.for_each_vector_chunk(name, number, from_key, REBUILD_CHUNK, |chunk| -> anyhow::Result<()> {
+                added += chunk.len();
+                Ok(index.add_blocking(&chunk)?)
+            })?;
+            Ok(added)
+        };
+        match saved {
+            Some(m) if m.replays_to(&expected) => {
                 let index = VectorIndex::load(&gen_dir.join("index.usearch"), dims, metric, quantization, &self.cfg.index)?;
-                tracing::info!(collection = %meta.name, generation = meta.current.number, vectors = vectors.len(), "index loaded from its saved file");
-                index
+                if m.version == expected.version {
+                    tracing::info!(collection = %name, generation = number, vectors = index.len(), "index loaded from its saved file");
+                    return Ok((index, m.version));
+                }
+                let removed = self.store.removed_since(name, m.version)?;
+                index.remove_blocking(&removed)?;
+                let added = add(&index, m.next_key)?;
+                tracing::info!(
+                    collection = %name, generation = number, vectors = index.len(), saved_version = m.version, version = expected.version,
+                    removed = removed.len(), added, "index loaded from its saved file and brought up to date with the later writes"
+                );
+                Ok((index, m.version))
             }
             other => {
                 if let Some(m) = other {
-                    tracing::warn!(collection = %meta.name, saved = ?m, expected = ?expected, "saved index refused: its manifest does not match the store; rebuilding from the stored vectors");
+                    tracing::warn!(collection = %name, saved = ?m, expected = ?expected, "saved index refused: its manifest does not match the store; rebuilding from the stored vectors");
                 }
                 let index = VectorIndex::new(dims, metric, quantization, &self.cfg.index)?;
-                index.add_blocking(&vectors)?;
-                tracing::info!(collection = %meta.name, generation = meta.current.number, vectors = vectors.len(), "index rebuilt from the store");
-                index
+                let added = add(&index, 0)?;
+                tracing::info!(collection = %name, generation = number, vectors = added, "index rebuilt from the store");
+                Ok((index, 0))
             }
-        };
-        Ok((index, vectors.iter().map(|(k, _)| *k).collect()))
+        }
     }
 }

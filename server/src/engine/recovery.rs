@@ -97,10 +97,12 @@ impl Engine {
         for (key, doc) in self.store.scan(&meta.name)? {
             docs.insert(key, &doc);
         }
-        let (index, vectors) = self.load_index(&meta, metric, quantization)?;
-        docs.pending = docs.by_key.keys().filter(|k| !vectors.contains(k)).copied().collect();
+        let (index, saved_version) = self.load_index(&meta, metric, quantization)?;
+        docs.pending = docs.by_key.keys().filter(|k| !index.contains(**k)).copied().collect();
         let generation = Generation { meta: meta.current.clone(), index, encoder, no_text, prompts };
-        Ok(Collection::new(meta, metric, quantization, generation, docs))
+        let coll = Collection::new(meta, metric, quantization, generation, docs);
+        coll.set_saved_version(saved_version);
+        Ok(coll)
     }
 }
 

@@ -240,7 +240,7 @@ impl Engine {
         if job.cancelled.load(Ordering::Acquire) {
             return Err(Error::Cancelled);
         }
-        let (meta, index) = self.commit_generation(&name, number, index).await?;
+        let (meta, index, saved) = self.commit_generation(&name, number, index).await?;
         let generation = Generation {
             meta: job.generation.clone(),
             index,
@@ -248,7 +248,7 @@ impl Engine {
             no_text: String::new(),
             prompts: job.prompts.clone(),
         };
-        coll.swap(meta, generation);
+        coll.swap(meta, generation, saved);
         self.remove_old_generations(&name, number);
         Ok(())
     }
@@ -280,12 +280,13 @@ impl Engine {
     }
 
     /// Commits generation `number` in the store and saves its index (call under the write
-    /// lock); returns the new manifest and the index for the caller to swap in.
-    pub(super) async fn commit_generation(&self, name: &str, number: u64, index: VectorIndex) -> Result<(CollectionMeta, VectorIndex)> {
+    /// lock); returns the new manifest and the index for the caller to swap in, with whether
+    /// the index was saved.
+    pub(super) async fn commit_generation(&self, name: &str, number: u64, index: VectorIndex) -> Result<(CollectionMeta, VectorIndex, bool)> {
         let store = self.store.clone();
         let n = name.to_string();
         let meta = blocking(move || store.commit_generation(&n, number).map_err(busy)).await?;
-        let index = self.save_new_generation(&meta, index).await?;
-        Ok((meta, index))
+        let (index, saved) = self.save_new_generation(&meta, index).await?;
+        Ok((meta, index, saved))
     }
 }

@@ -4,6 +4,7 @@ use std::sync::Arc;
 
 use super::collection::{Collection, DocTable, Generation, prompts_in_force, recorded};
 use super::progress::{RefreshJob, RefreshProgress};
+use super::recovery::trainer_no_text;
 use super::{Engine, blocking, now_unix};
 use crate::error::{Error, Result};
 use crate::index::{Metric, Quantization, VectorIndex};
@@ -30,6 +31,8 @@ pub struct CollectionSummary {
     pub building_generation: Option<u64>,
     /// The running re-encode's progress, if any.
     pub refresh: Option<RefreshProgress>,
+    /// Created with its own dims: documents carry their vectors.
+    pub vectors_only: bool,
 }
 
 impl Engine {
@@ -57,6 +60,7 @@ impl Engine {
             pending_documents,
             building_generation: meta.building.as_ref().map(|b| b.number),
             refresh,
+            vectors_only: meta.vectors_only,
         }
     }
 
@@ -103,31 +107,51 @@ impl Engine {
             dims: info.dims as u32,
             created_at_unix: now,
         };
-        let meta = CollectionMeta {
-            name: name.to_string(),
-            metric: metric.as_str().into(),
-            quantization: quantization.as_str().into(),
-            current: current.clone(),
-            building: None,
-            next_key: 0,
-            version: 0,
-            doc_count: 0,
-            created_at_unix: now,
-            prompts,
+        let meta = new_meta(name, metric, quantization, current.clone(), prompts, false);
+        let generation = |index| Generation { meta: current, index, encoder: Some(self.encoder.clone()), no_text: String::new(), prompts: in_force };
+        self.insert_new(meta, metric, quantization, generation).await
+    }
+
+    /// A new, empty vectors-only collection: its documents and queries carry `dims`-dimensional
+    /// vectors from the trainer's encoder `encoder_name`; the server encodes no text for it.
+    pub async fn create_vectors_only(&self, name: &str, metric: Metric, quantization: Quantization, dims: u32, encoder_name: &str) -> Result<CollectionSummary> {
+        let current = GenerationMeta {
+            number: 1,
+            encoder: EncoderRef { kind: EncoderKind::Trainer, name: encoder_name.to_string(), fingerprint: String::new(), dir: None, prompts: Default::default() },
+            dims,
+            created_at_unix: now_unix(),
         };
-        if self.collections.read().contains_key(name) {
-            return Err(Error::CollectionExists(name.to_string()));
+        let meta = new_meta(name, metric, quantization, current.clone(), PromptOverrides::default(), true);
+        let no_text = trainer_no_text(name, &current);
+        let generation = |index| Generation { meta: current, index, encoder: None, no_text, prompts: Default::default() };
+        self.insert_new(meta, metric, quantization, generation).await
+    }
+
+    /// Creates the collection in the store and the registry, with a fresh index for its first
+    /// generation; CollectionExists when the name is taken.
+    async fn insert_new(
+        &self,
+        meta: CollectionMeta,
+        metric: Metric,
+        quantization: Quantization,
+        generation: impl FnOnce(VectorIndex) -> Generation,
+    ) -> Result<CollectionSummary> {
+        let name = meta.name.clone();
+        if self.collections.read().contains_key(&name) {
+            return Err(Error::CollectionExists(name));
         }
-        let index = VectorIndex::new(info.dims, metric, quantization, &self.cfg.index)?;
+        let index = VectorIndex::new(meta.current.dims as usize, metric, quantization, &self.cfg.index)?;
         let store = self.store.clone();
         let m = meta.clone();
         if !blocking(move || Ok(store.create_collection(&m)?)).await? {
-            return Err(Error::CollectionExists(name.to_string()));
+            return Err(Error::CollectionExists(name));
         }
-        let generation = Generation { meta: current, index, encoder: Some(self.encoder.clone()), no_text: String::new(), prompts: in_force };
-        let coll = Arc::new(Collection::new(meta, metric, quantization, generation, DocTable::default()));
+        // A saved index left by a collection of this name whose drop was cut short must not
+        // be taken for this one's.
+        let _ = std::fs::remove_dir_all(self.index_dir.join(&name));
+        let coll = Arc::new(Collection::new(meta, metric, quantization, generation(index), DocTable::default()));
         let summary = self.summary(&coll);
-        self.collections.write().insert(name.to_string(), coll);
+        self.collections.write().insert(name, coll);
         Ok(summary)
     }
 
@@ -144,5 +168,22 @@ impl Engine {
         let dropped = blocking(move || Ok(store.drop_collection(&n)?)).await?;
         let _ = std::fs::remove_dir_all(self.index_dir.join(name));
         Ok(dropped)
+    }
+}
+
+/// The manifest of a new, empty collection whose first generation is `current`.
+fn new_meta(name: &str, metric: Metric, quantization: Quantization, current: GenerationMeta, prompts: PromptOverrides, vectors_only: bool) -> CollectionMeta {
+    CollectionMeta {
+        name: name.to_string(),
+        metric: metric.as_str().into(),
+        quantization: quantization.as_str().into(),
+        created_at_unix: current.created_at_unix,
+        current,
+        building: None,
+        next_key: 0,
+        version: 0,
+        doc_count: 0,
+        prompts,
+        vectors_only,
     }
 }

@@ -115,10 +115,10 @@ impl Engine {
         };
         let store = self.store.clone();
         let (n, number) = (name.clone(), generation.number);
-        let vectors = blocking(move || Ok(store.scan_vectors(&n, number)?)).await?;
+        let keys = blocking(move || Ok(store.vector_keys(&n, number)?)).await?;
         let missing: Vec<String> = {
             let table = coll.docs.read();
-            let have: HashSet<u64> = vectors.iter().map(|(k, _)| *k).collect();
+            let have: HashSet<u64> = keys.into_iter().collect();
             let mut missing: Vec<String> = table.by_key.iter().filter(|(k, _)| !have.contains(k)).map(|(_, d)| d.id.to_string()).collect();
             missing.sort();
             missing
@@ -132,12 +132,15 @@ impl Engine {
         }
         let index = VectorIndex::new(generation.dims as usize, coll.metric, coll.quantization, &self.cfg.index)?;
         let index = Arc::new(index);
-        let building = index.clone();
-        blocking(move || Ok(building.add_blocking(&vectors)?)).await?;
+        let (building, store, n) = (index.clone(), self.store.clone(), name.clone());
+        blocking(move || {
+            store.for_each_vector_chunk(&n, number, 0, 16384, |chunk| -> Result<()> { Ok(building.add_blocking(&chunk)?) })
+        })
+        .await?;
         let index = Arc::try_unwrap(index).unwrap_or_else(|_| unreachable!("the build task has returned its handle"));
-        let (meta, index) = self.commit_generation(&name, number, index).await?;
+        let (meta, index, saved) = self.commit_generation(&name, number, index).await?;
         let no_text = trainer_no_text(&name, &generation);
-        coll.swap(meta, Generation { meta: generation, index, encoder: None, no_text, prompts: Default::default() });
+        coll.swap(meta, Generation { meta: generation, index, encoder: None, no_text, prompts: Default::default() }, saved);
         self.remove_old_generations(&name, number);
         tracing::info!(collection = %name, generation = number, "trainer vectors committed");
         metrics::counter!(crate::metrics::REFRESHES, "mode" => "vectors", "outcome" => "done").increment(1);

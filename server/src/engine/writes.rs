@@ -3,35 +3,48 @@
 //! lock and in its own task, so a caller that goes away mid-write cannot leave them apart.
 use std::sync::Arc;
 
-use super::collection::Collection;
+use super::collection::{Collection, Generation};
 use super::{Engine, blocking};
 use crate::encode::TextKind;
 use crate::error::{Error, Result};
+use crate::index::Metric;
 use crate::store::{EncoderKind, Store, StoredDoc};
 
+/// A document to write, with the vector it carries (if any).
+pub type NewDoc = (StoredDoc, Option<Vec<f32>>);
+
 impl Engine {
-    /// Encodes with the current generation's encoder (when it has one), stores durably, then
-    /// indexes one message's documents. Returns (inserted, updated). When a generation swap
-    /// lands between encoding and commit, the documents are encoded again for the new one.
+    /// Upserts documents that carry no vector (see [`Engine::upsert_docs`]).
     pub async fn upsert(&self, coll: &Arc<Collection>, docs: Vec<StoredDoc>) -> Result<(u64, u64)> {
+        self.upsert_docs(coll, docs.into_iter().map(|d| (d, None)).collect()).await
+    }
+
+    /// Stores durably, then indexes one message's documents; returns (inserted, updated).
+    /// Their vectors come from one source, the current generation's: the server's encoder
+    /// (documents carry none), or the trainer's (each document carries its own; one that
+    /// carries none waits for the next vector refresh, unless the collection is vectors-only,
+    /// which refuses it). When a generation swap lands between encoding and commit, the
+    /// documents are checked and encoded again for the new one.
+    pub async fn upsert_docs(&self, coll: &Arc<Collection>, docs: Vec<NewDoc>) -> Result<(u64, u64)> {
         if docs.is_empty() {
             return Ok((0, 0));
         }
         loop {
             let generation = coll.current();
-            let vectors = match &generation.encoder {
-                Some(encoder) => {
-                    let texts: Vec<(TextKind, String)> = docs.iter().map(|d| (TextKind::Document, d.encoded_text())).collect();
+            check_vectors(coll, &generation, &docs)?;
+            let rows = match &generation.encoder {
+                Some(encoder) if generation.meta.encoder.kind != EncoderKind::Trainer => {
+                    let texts: Vec<(TextKind, String)> = docs.iter().map(|(d, _)| (TextKind::Document, d.encoded_text())).collect();
                     let mut vectors = Vec::with_capacity(texts.len());
                     for chunk in texts.chunks(256) {
                         vectors.extend(encoder.encode_as(chunk.to_vec(), &generation.prompts).await?);
                     }
-                    Some(vectors)
+                    docs.iter().map(|(d, _)| d.clone()).zip(vectors.into_iter().map(Some)).collect()
                 }
-                None if generation.meta.encoder.kind == EncoderKind::Trainer => None,
-                None => return Err(Error::FailedPrecondition(generation.no_text.clone())),
+                _ if generation.meta.encoder.kind == EncoderKind::Trainer => docs.clone(),
+                _ => return Err(Error::FailedPrecondition(generation.no_text.clone())),
             };
-            if let Some(done) = self.commit(coll, docs.clone(), vectors, generation.meta.number).await? {
+            if let Some(done) = self.commit(coll, rows, generation.meta.number).await? {
                 return Ok(done);
             }
         }
@@ -48,23 +61,13 @@ impl Engine {
         if let Some(i) = vectors.iter().position(|v| v.len() != dims) {
             return Err(Error::invalid(format!("vectors[{i}]"), format!("has {} dims, the collection has {dims}", vectors[i].len())));
         }
-        self.commit(coll, docs, Some(vectors), generation.meta.number)
+        self.commit(coll, docs.into_iter().zip(vectors.into_iter().map(Some)).collect(), generation.meta.number)
             .await?
             .ok_or_else(|| Error::Unavailable("the collection's generation changed during the write; retry".into()))
     }
 
     /// Commits in its own task. None: `generation` is no longer current, nothing was written.
-    async fn commit(
-        &self,
-        coll: &Arc<Collection>,
-        docs: Vec<StoredDoc>,
-        vectors: Option<Vec<Vec<f32>>>,
-        generation: u64,
-    ) -> Result<Option<(u64, u64)>> {
-        let rows: Vec<(StoredDoc, Option<Vec<f32>>)> = match vectors {
-            Some(v) => docs.into_iter().zip(v.into_iter().map(Some)).collect(),
-            None => docs.into_iter().map(|d| (d, None)).collect(),
-        };
+    async fn commit(&self, coll: &Arc<Collection>, rows: Vec<NewDoc>, generation: u64) -> Result<Option<(u64, u64)>> {
         let (store, coll) = (self.store.clone(), coll.clone());
         tokio::spawn(commit_upsert(store, coll, rows, generation))
             .await
@@ -99,6 +102,44 @@ impl Engine {
         }
         Ok((found, missing))
     }
+}
+
+/// Checks the vectors documents carry against the generation they would join: only trainer
+/// generations take them, a vectors-only collection needs them, and each has the generation's
+/// dims (and, for cosine, a direction). Errors name `documents[i].vector`.
+fn check_vectors(coll: &Collection, generation: &Generation, docs: &[NewDoc]) -> Result<()> {
+    let (name, vectors_only) = {
+        let meta = coll.meta.read();
+        (meta.name.clone(), meta.vectors_only)
+    };
+    let dims = generation.dims();
+    let trainer = generation.meta.encoder.kind == EncoderKind::Trainer;
+    for (i, (_, vector)) in docs.iter().enumerate() {
+        let field = || format!("documents[{i}].vector");
+        match vector {
+            None if vectors_only => {
+                return Err(Error::invalid(field(), format!("is empty: collection {name:?} is vectors-only ({dims} dims), so every document carries its vector")));
+            }
+            None => {}
+            Some(_) if !trainer => {
+                return Err(Error::invalid(
+                    field(),
+                    format!(
+                        "is given, but collection {name:?} is encoded by the server (generation {}, encoder {:?}): send documents without vectors (a generation has one source of vectors), or create a vectors-only collection (dims)",
+                        generation.meta.number, generation.meta.encoder.name
+                    ),
+                ));
+            }
+            Some(v) if v.len() != dims => {
+                return Err(Error::invalid(field(), format!("has {} dims, collection {name:?} (generation {}) has {dims}", v.len(), generation.meta.number)));
+            }
+            Some(v) if coll.metric == Metric::Cosine && v.iter().all(|x| *x == 0.0) => {
+                return Err(Error::invalid(field(), format!("is all zeros: collection {name:?} is cosine, which no zero vector can be compared by")));
+            }
+            Some(_) => {}
+        }
+    }
+    Ok(())
 }
 
 /// Takes the collection's write lock, commits to the store, then updates the document table,

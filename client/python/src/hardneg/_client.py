@@ -34,11 +34,13 @@ from .v1 import hardneg_pb2_grpc as pb_grpc
 SERVICE = "hardneg.v1.NegativeMiner"
 
 #: A document: a ``Document`` message, a dict with ``id`` (or BEIR's ``_id``), ``text`` and
-#: optionally ``title`` and ``metadata``, or an ``(id, text)`` pair.
+#: optionally ``title``, ``metadata`` and ``vector`` (a sequence of floats or a 1-d numpy
+#: array; required in a vectors-only collection), or an ``(id, text)`` pair.
 DocumentLike = Union[pb.Document, Mapping[str, Any], Tuple[str, str]]
 #: A query: a ``Query`` message, a dict with any of ``id``, ``text``, ``vector`` (a sequence
-#: of floats or a 1-d numpy array), ``positive_ids``, ``positive_texts``, or a plain text.
-QueryLike = Union[pb.Query, Mapping[str, Any], str]
+#: of floats or a 1-d numpy array), ``positive_ids``, ``positive_texts``, a plain text, or a
+#: bare vector (a 1-d numpy array, e.g. a row of a query matrix, or a list of floats).
+QueryLike = Union[pb.Query, Mapping[str, Any], str, Sequence[float]]
 #: A matrix of vectors: a 2-d numpy array or a sequence of float sequences.
 Vectors = Any
 
@@ -96,6 +98,8 @@ def query(q: QueryLike) -> pb.Query:
         return q
     if isinstance(q, str):
         return pb.Query(text=q)
+    if not isinstance(q, Mapping):
+        return pb.Query(vector=_floats(q))
     unknown = set(q) - {"id", "text", "vector", "positive_ids", "positive_texts"}
     if unknown:
         raise TypeError(f"unknown query field(s): {', '.join(sorted(unknown))}")
@@ -120,11 +124,13 @@ def document(d: DocumentLike) -> pb.Document:
     if doc_id is None:
         raise ValueError(f"document without an id: {dict(d)!r:.200}")
     title = d.get("title")
+    vector = d.get("vector")
     return pb.Document(
         id=str(doc_id),
         text=d.get("text") or "",
         title=title if title and title.strip() else None,
         metadata={str(k): str(v) for k, v in (d.get("metadata") or {}).items()},
+        vector=_floats(vector) if vector is not None else [],
     )
 
 
@@ -264,15 +270,28 @@ class Miner:
         *,
         query_prompt: Optional[str] = None,
         document_prompt: Optional[str] = None,
+        dims: Optional[int] = None,
+        encoder_name: Optional[str] = None,
     ) -> pb.CollectionInfo:
         """Creates an empty collection bound to the server's encoder. ``metric``: ``cosine``
         or ``inner_product``; ``quantization``: ``f32``, ``f16`` or ``i8``.
         ``query_prompt`` / ``document_prompt`` replace the model's own prompts for this
-        collection (``None``: the model's; ``""``: no prompt)."""
+        collection (``None``: the model's; ``""``: no prompt).
+
+        With ``dims``, the collection is vectors-only: the server encodes no text, every
+        document carries its ``vector`` of ``dims`` floats (see :meth:`ingest_vectors`) and
+        queries carry vectors; it takes no prompts. ``encoder_name`` names the model the
+        vectors come from (``None``: the server's default, ``"trainer"``)."""
+        if dims is not None and (query_prompt is not None or document_prompt is not None):
+            raise ValueError("a vectors-only collection (dims) encodes no text: it takes no query_prompt or document_prompt")
+        if encoder_name is not None and dims is None:
+            raise ValueError("encoder_name names the vectors of a vectors-only collection: give dims too")
         request = pb.CreateCollectionRequest(
             name=name,
             metric=_enum(metric, _METRICS, "metric"),
             quantization=_enum(quantization, _QUANTIZATIONS, "quantization"),
+            dims=dims or 0,
+            encoder_name=encoder_name or "",
         )
         if query_prompt is not None:
             request.query_prompt = query_prompt
@@ -309,10 +328,51 @@ class Miner:
         before answering, and ``progress(done, total)`` is called after each (``total`` is
         ``None`` when ``documents`` has no length). Returns the summed ``inserted`` and
         ``updated`` with the final ``doc_count`` and ``pending``. A failed batch raises;
-        the batches before it stay stored."""
+        the batches before it stay stored. In a vectors-only collection every document
+        carries its ``vector`` (:meth:`ingest_vectors` sends a whole matrix)."""
+        total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
+        return self._upsert(collection, (document(d) for d in documents), total, batch_size, progress)
+
+    def ingest_vectors(
+        self,
+        collection: str,
+        ids: Sequence[str],
+        vectors: Vectors,
+        texts: Optional[Sequence[str]] = None,
+        *,
+        batch_size: int = 256,
+        progress: Optional[Callable[[int, Optional[int]], None]] = None,
+    ) -> pb.UpsertResponse:
+        """Adds or replaces one document per row of ``vectors`` (a 2-d numpy array or a
+        sequence of float sequences): ``ids[i]`` with row ``i`` as its vector and
+        ``texts[i]`` as its text (without ``texts``, the id is the text: the server needs one
+        and returns it with negatives). Rows are converted ``batch_size`` at a time as they
+        are sent, so the matrix is never copied whole. Returns what :meth:`ingest` returns."""
+        ids = [str(i) for i in ids]
+        shape = getattr(vectors, "shape", None)
+        if shape is not None and len(shape) != 2:
+            raise ValueError(f"vectors must be a 2-d matrix, got shape {tuple(shape)}")
+        if len(vectors) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
+        if texts is not None and len(texts) != len(ids):
+            raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
+        docs = (
+            pb.Document(id=doc_id, text=texts[i] if texts is not None else doc_id, vector=_floats(vectors[i]))
+            for i, doc_id in enumerate(ids)
+        )
+        return self._upsert(collection, docs, len(ids), batch_size, progress)
+
+    def _upsert(
+        self,
+        collection: str,
+        documents: Iterable[pb.Document],
+        total: Optional[int],
+        batch_size: int,
+        progress: Optional[Callable[[int, Optional[int]], None]],
+    ) -> pb.UpsertResponse:
+        """One Upsert call per ``batch_size`` documents, the replies summed."""
         if batch_size < 1:
             raise ValueError("batch_size must be at least 1")
-        total = len(documents) if hasattr(documents, "__len__") else None  # type: ignore[arg-type]
         summary = pb.UpsertResponse()
         done = 0
         chunk: List[pb.Document] = []
@@ -334,7 +394,7 @@ class Miner:
                 progress(done, total)
 
         for d in documents:
-            chunk.append(document(d))
+            chunk.append(d)
             if len(chunk) == batch_size:
                 send()
         if chunk:
@@ -362,7 +422,8 @@ class Miner:
 
     def mine(self, batch: Union[pb.MineRequest, str], queries: Optional[Iterable[QueryLike]] = None, **mine_options: Any) -> pb.MineResponse:
         """Mines one batch: a ``MineRequest`` (see :func:`hardneg.batch`), or a collection
-        name, its queries and options (``miner.mine("c", queries, num_negatives=5)``).
+        name, its queries and options (``miner.mine("c", queries, num_negatives=5)``; a 2-d
+        numpy array of query vectors works as ``queries``, one query per row).
         One ``QueryResult`` per query, in order, with the negatives best first."""
         if isinstance(batch, str):
             if queries is None:

@@ -22,11 +22,14 @@ def read_jsonl(path: str | os.PathLike[str]) -> Iterator[dict]:
 
 
 def read_corpus(path: str | os.PathLike[str], skip_empty: bool = True) -> List[dict]:
-    """Documents as ``{"id", "text", "title"}`` dicts, in file order. With ``skip_empty``,
+    """Documents as ``{"id", "text", "title"}`` dicts, in file order, with the line's
+    ``vector`` when it has one (for vectors-only collections). With ``skip_empty``,
     documents whose title and text are both blank are left out (the server refuses them)."""
     docs = []
     for row in read_jsonl(path):
         doc = {"id": str(row["_id"]), "text": row.get("text") or "", "title": row.get("title") or ""}
+        if row.get("vector") is not None:
+            doc["vector"] = row["vector"]
         if skip_empty and not (doc["text"].strip() or doc["title"].strip()):
             continue
         docs.append(doc)
