@@ -52,12 +52,11 @@ Setup: the script makes sure its virtual environment exists (bench/compare_st.py
 built from this checkout (client/python, proto/) is installed in it, then runs itself inside
 it. It starts its own hardneg server (--server; default target/release/hardneg-server, else
 target/debug) on a free loopback port with a temporary data directory, and stops it at the end.
-The corpus goes in through the Python client; by default (--ingest vectors) one document is
-ingested, the collection switched to trainer vectors, the rest ingested (stored, not encoded)
-and the base model's document vectors uploaded for all: measured on a debug server build, the
-server encoding the corpus itself (--ingest server) took 10.8 s per 64 Cranfield documents
-(about 4 minutes for the corpus) against under 1 s for the whole upload, and the base model's
-document vectors are computed here anyway (row 0's evaluation).
+The corpus goes in through the Python client; by default (--ingest vectors) into a
+vectors-only collection, each document with the base model's vector: measured on a debug
+server build, the server encoding the corpus itself (--ingest server) took 10.8 s per 64
+Cranfield documents (about 4 minutes for the corpus) against under 1 s for the whole upload,
+and the base model's document vectors are computed here anyway (row 0's evaluation).
 
     python3 bench/train_eval.py --quick                        # smoke run on Cranfield
     python3 bench/train_eval.py ../shared/datasets/cranfield   # the full table for one collection
@@ -630,17 +629,16 @@ def fill_collection(miner, col: dict, name: str, base_vectors, how: str) -> dict
     """Creates the collection and makes the base model's document vectors its index."""
     t = time.perf_counter()
     ids = [d for d, _ in col["docs"]]
-    miner.create(name)
     if how == "server":
+        miner.create(name)
         miner.ingest(name, col["docs"])  # the server encodes every document
         ingested = time.perf_counter() - t
         miner.refresh_vectors(name, "base", ids, base_vectors)
     else:
-        miner.ingest(name, col["docs"][:1])  # one document encoded by the server ...
-        miner.refresh_vectors(name, "base-1", ids[:1], base_vectors[:1])  # ... then trainer vectors:
-        miner.ingest(name, col["docs"][1:])  # the rest is stored, not encoded ...
+        # A vectors-only collection: the base model's vectors go in with the documents.
+        miner.create(name, dims=int(base_vectors.shape[1]), encoder_name="base")
+        miner.ingest_vectors(name, ids, base_vectors, texts=[text for _, text in col["docs"]])
         ingested = time.perf_counter() - t
-        miner.refresh_vectors(name, "base", ids, base_vectors)  # ... and indexed with the base vectors
     info = miner.get(name)
     if info.doc_count != len(ids) or info.pending_documents or info.encoder_kind != "trainer":
         raise RuntimeError(f"collection {name}: {info}")

@@ -165,6 +165,17 @@ def _read_certificates(value: Union[bytes, str, "os.PathLike[str]"]) -> bytes:
         return f.read()
 
 
+def _row_ids(ids: Sequence[Any], vectors: Vectors) -> List[str]:
+    """The ids of a matrix's rows as strings, checked: one per row of a 2-d matrix."""
+    ids = [str(i) for i in ids]
+    shape = getattr(vectors, "shape", None)
+    if shape is not None and len(shape) != 2:
+        raise ValueError(f"vectors must be a 2-d matrix, got shape {tuple(shape)}")
+    if len(vectors) != len(ids):
+        raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
+    return ids
+
+
 class Miner:
     """A connection to a hardneg server.
 
@@ -348,12 +359,7 @@ class Miner:
         ``texts[i]`` as its text (without ``texts``, the id is the text: the server needs one
         and returns it with negatives). Rows are converted ``batch_size`` at a time as they
         are sent, so the matrix is never copied whole. Returns what :meth:`ingest` returns."""
-        ids = [str(i) for i in ids]
-        shape = getattr(vectors, "shape", None)
-        if shape is not None and len(shape) != 2:
-            raise ValueError(f"vectors must be a 2-d matrix, got shape {tuple(shape)}")
-        if len(vectors) != len(ids):
-            raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
+        ids = _row_ids(ids, vectors)
         if texts is not None and len(texts) != len(ids):
             raise ValueError(f"{len(ids)} ids but {len(texts)} texts")
         docs = (
@@ -592,12 +598,7 @@ class Miner:
         generation and how many live documents still lack a vector."""
         if chunk_size < 1:
             raise ValueError("chunk_size must be at least 1")
-        ids = [str(i) for i in ids]
-        shape = getattr(vectors, "shape", None)
-        if shape is not None and len(shape) != 2:
-            raise ValueError(f"vectors must be a 2-d matrix, got shape {tuple(shape)}")
-        if len(vectors) != len(ids):
-            raise ValueError(f"{len(ids)} ids but {len(vectors)} vectors")
+        ids = _row_ids(ids, vectors)
 
         def requests() -> Iterator[pb.UploadVectorsRequest]:
             for start in range(0, max(len(ids), 1), chunk_size):
