@@ -221,13 +221,7 @@ impl VectorIndex {
     }
 
     pub async fn remove(&self, keys: Vec<u64>) -> Result<(), IndexError> {
-        self.blocking(move |index| {
-            for key in keys {
-                index.remove(key).map_err(usearch_err)?;
-            }
-            Ok(())
-        })
-        .await
+        self.blocking(move |index| remove_keys(index, &keys)).await
     }
 
     /// For each (query, count), the `count` nearest documents, best first.
@@ -275,19 +269,18 @@ impl VectorIndex {
         self.index.read().contains(key)
     }
 
-    /// Removes keys from a caller already on a blocking thread; absent keys are skipped.
+    /// [`VectorIndex::remove`] for callers already on a blocking thread; absent keys are
+    /// skipped.
     pub fn remove_blocking(&self, keys: &[u64]) -> Result<(), IndexError> {
-        let index = self.index.read();
-        for &key in keys {
-            index.remove(key).map_err(usearch_err)?;
-        }
-        Ok(())
+        remove_keys(&self.index.read(), keys)
     }
+}
 
-    /// Bytes the index holds in memory, as usearch counts them.
-    pub fn memory_usage(&self) -> usize {
-        self.index.read().memory_usage()
+fn remove_keys(index: &Index, keys: &[u64]) -> Result<(), IndexError> {
+    for &key in keys {
+        index.remove(key).map_err(usearch_err)?;
     }
+    Ok(())
 }
 
 fn add_sync(
@@ -296,12 +289,7 @@ fn add_sync(
     items: &[(u64, Vec<f32>)],
     replaced: &[u64],
 ) -> Result<(), IndexError> {
-    {
-        let guard = index.read();
-        for &key in replaced {
-            guard.remove(key).map_err(usearch_err)?;
-        }
-    }
+    remove_keys(&index.read(), replaced)?;
     let needed = index.read().size() + items.len();
     if needed > index.read().capacity() {
         let guard = index.write();

@@ -366,7 +366,9 @@ impl Store {
         Ok(out)
     }
 
-    /// Every vector of a generation with its key, in key order.
+    /// Every vector of a generation with its key, in key order (the tests' view; the server
+    /// reads vectors a chunk at a time).
+    #[cfg(test)]
     pub fn scan_vectors(&self, name: &str, generation: u64) -> Result<Vec<(u64, Vec<f32>)>, StoreError> {
         let mut out = Vec::new();
         self.for_each_vector_chunk(name, generation, 0, usize::MAX, |chunk| -> Result<(), StoreError> {
