@@ -42,16 +42,17 @@ RUN HARDNEG_CUDA_HOME=/usr/local/cuda CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} scrip
  && strip -o /out/hardneg-server target/cuda/bin/hardneg-server \
  && strip -o /out/hardneg target/cuda/bin/hardneg
 
+# OpenBLAS (processor-dispatching build): the CPU kernels' matrix products (encoder.cpu_kernels).
 FROM debian:bookworm-slim AS runtime-cpu
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libopenblas0-pthread \
  && rm -rf /var/lib/apt/lists/*
 
 # cuBLAS comes with the runtime image, libcuda with the host's driver (NVIDIA Container
 # Toolkit); the server opens them when a model is on a CUDA device.
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04 AS runtime-cuda
 RUN apt-get update \
- && apt-get install -y --no-install-recommends ca-certificates \
+ && apt-get install -y --no-install-recommends ca-certificates libopenblas0-pthread \
  && rm -rf /var/lib/apt/lists/*
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility

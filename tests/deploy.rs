@@ -116,6 +116,9 @@ fn compose_prometheus_and_dockerfile_agree() {
     assert!(dockerfile.contains("FROM build-${VARIANT} AS build") && dockerfile.contains("FROM runtime-${VARIANT}"));
     assert!(dockerfile.contains("FROM nvidia/cuda:${CUDA_VERSION}-devel") && dockerfile.contains("FROM nvidia/cuda:${CUDA_VERSION}-runtime"));
     assert!(dockerfile.contains("scripts/build-cuda") && root().join("scripts/build-cuda").is_file());
+    // Both runtimes carry OpenBLAS, which encoder.cpu_kernels "auto" opens.
+    let installs_openblas = dockerfile.matches("ca-certificates libopenblas0-pthread").count();
+    assert_eq!(installs_openblas, 2, "libopenblas0-pthread in runtime-cpu and runtime-cuda");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

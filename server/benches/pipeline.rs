@@ -16,6 +16,7 @@ use std::time::Instant;
 
 use hardneg_server::config::{Config, Overrides};
 use hardneg_server::encode::embedder::SentenceEmbedder;
+use hardneg_server::encode::cpu::{self, KernelsSpec};
 use hardneg_server::encode::cross::CrossEncoderModel;
 use hardneg_server::encode::testing::seeded_cross_encoder;
 use hardneg_server::encode::{BatchConfig, EmbedModel, Encoder, Reranker};
@@ -80,16 +81,50 @@ fn part(name: &str) -> bool {
     std::env::var("HARDNEG_BENCH").map(|v| v.split(',').any(|p| p == name)).unwrap_or(true)
 }
 
+/// The CPU kernels this machine can run, in the order the tables list them; each is selected
+/// for the whole process in turn.
+/// HARDNEG_BENCH_KERNELS=blas,fused narrows them.
+fn kernel_choices() -> Vec<KernelsSpec> {
+    let wanted = |name: &str| std::env::var("HARDNEG_BENCH_KERNELS").map(|v| v.split(',').any(|p| p == name)).unwrap_or(true);
+    let mut choices: Vec<KernelsSpec> = [("candle", KernelsSpec::Candle), ("fused", KernelsSpec::Fused)].into_iter().filter(|(n, _)| wanted(n)).map(|(_, c)| c).collect();
+    if wanted("blas") {
+        match cpu::select(KernelsSpec::Blas, &blas_library()) {
+            Ok(line) => {
+                println!("{line}");
+                choices.push(KernelsSpec::Blas);
+            }
+            Err(e) => println!("(no blas column: {e})"),
+        }
+    }
+    choices
+}
+
+/// HARDNEG_BENCH_BLAS names the BLAS library (default: the server's search).
+fn blas_library() -> String {
+    std::env::var("HARDNEG_BENCH_BLAS").unwrap_or_default()
+}
+
+fn kernels_header(first: &str, choices: &[KernelsSpec], unit: &str) {
+    let names: Vec<String> = choices.iter().map(|c| format!("{c:?} ({unit})").to_lowercase()).collect();
+    println!("| {first} | {} | best / candle |", names.join(" | "));
+    println!("|{}", " --- |".repeat(choices.len() + 2));
+}
+
 fn bench_encoder(rt: &tokio::runtime::Runtime) {
     let texts: Vec<String> = cranfield_docs().iter().map(StoredDoc::encoded_text).collect();
-    println!("\n## encoder: all-MiniLM-L6-v2, {} Cranfield documents, batch 32", texts.len());
-    println!("| max length | plain forward, file order (tokens/s) | hardneg encoder (tokens/s) | ratio |");
-    println!("| --- | --- | --- | --- |");
+    println!("\n## encoder: all-MiniLM-L6-v2, {} Cranfield documents, batch 32, by CPU kernels", texts.len());
+    let choices = kernel_choices();
+    kernels_header("max length", &choices, "tokens/s");
     for max_len in [128usize, 256] {
         let cfg = BatchConfig { token_budget: 32 * max_len, max_batch_texts: 32, queue_capacity: 64 };
-        let (base, ours) = encoder_throughput(rt, &model_dir(), max_len, cfg, &texts);
-        println!("| {max_len} | {base:.0} | {ours:.0} | {:.2}x |", ours / base);
+        let rates: Vec<f64> = choices.iter().map(|&c| {
+            cpu::select(c, &blas_library()).unwrap();
+            encoder_rate(rt, &model_dir(), max_len, cfg, &texts)
+        }).collect();
+        let cells: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+        println!("| {max_len} | {} | {:.2}x |", cells.join(" | "), rates.iter().cloned().fold(0.0, f64::max) / rates[0]);
     }
+    cpu::select(KernelsSpec::Auto, "").unwrap();
 }
 
 /// Tokens/s of the model in `dir` called directly on 32 texts at a time in the given order
@@ -105,9 +140,18 @@ fn encoder_throughput(rt: &tokio::runtime::Runtime, dir: &std::path::Path, max_l
         plain.embed(&refs).unwrap();
     }
     let base = tokens as f64 / started.elapsed().as_secs_f64();
+    (base, encoder_rate(rt, dir, max_len, cfg, texts))
+}
+
+/// Tokens/s of the encoder (batched by length across the whole job) on `texts`.
+fn encoder_rate(rt: &tokio::runtime::Runtime, dir: &std::path::Path, max_len: usize, cfg: BatchConfig, texts: &[String]) -> f64 {
+    let encoder = Encoder::load(dir, max_len, cfg).unwrap();
+    let tokens: usize = encoder.tokenize(texts).unwrap().iter().map(|t| t.ids.len()).sum();
+    // Warm: first-use allocations and the library's buffers are not what is measured.
+    rt.block_on(encoder.encode(texts.iter().take(64).cloned().collect())).unwrap();
     let started = Instant::now();
     rt.block_on(encoder.encode(texts.to_vec())).unwrap();
-    (base, tokens as f64 / started.elapsed().as_secs_f64())
+    tokens as f64 / started.elapsed().as_secs_f64()
 }
 
 /// A MiniLM-L6 cross-encoder checkpoint (real body, seeded head) in a temporary directory.

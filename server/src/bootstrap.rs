@@ -153,6 +153,9 @@ async fn run_until_shutdown(
 
 /// The encoder, the cross-encoder when configured, and the collections.
 async fn load(cfg: Arc<Config>) -> anyhow::Result<Arc<Engine>> {
+    let kernels = encode::cpu::select(cfg.encoder.cpu_kernels_spec(), &cfg.encoder.blas_library)
+        .map_err(|e| anyhow::anyhow!("encoder.cpu_kernels / encoder.blas_library: {e}"))?;
+    tracing::info!("{kernels}");
     let batch = BatchConfig {
         token_budget: cfg.encoder.token_budget,
         max_batch_texts: cfg.encoder.max_batch_texts,

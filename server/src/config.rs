@@ -4,6 +4,8 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
+use crate::encode::cpu::KernelsSpec;
+
 /// The `[index]` section, defined with the index that uses it.
 pub use crate::index::IndexConfig;
 
@@ -54,9 +56,17 @@ pub struct EncoderConfig {
     pub device: String,
     /// `f32`, `f16` or `bf16` (see [`EncoderConfig::dtype_spec`]).
     pub dtype: String,
+    /// CPU kernels for the whole process (see [`crate::encode::cpu`]).
+    pub cpu_kernels: String,
+    /// The BLAS library to open; empty searches [`crate::encode::cpu::SEARCHED`].
+    pub blas_library: String,
 }
 
 impl EncoderConfig {
+    pub fn cpu_kernels_spec(&self) -> KernelsSpec {
+        KernelsSpec::parse(&self.cpu_kernels).expect("validated at load")
+    }
+
     pub fn device_spec(&self) -> DeviceSpec {
         parse_device(&self.device).expect("validated at load")
     }
@@ -331,6 +341,7 @@ impl Config {
         for (field, value) in [("encoder.dtype", &self.encoder.dtype), ("reranker.dtype", &self.reranker.dtype)] {
             parse_dtype(value).map_err(|reason| ConfigError::Invalid { field, reason })?;
         }
+        KernelsSpec::parse(&self.encoder.cpu_kernels).map_err(|reason| ConfigError::Invalid { field: "encoder.cpu_kernels", reason })?;
         if self.server.tls_cert_file.as_os_str().is_empty() != self.server.tls_key_file.as_os_str().is_empty() {
             let field = if self.server.tls_cert_file.as_os_str().is_empty() { "server.tls_cert_file" } else { "server.tls_key_file" };
             return Err(ConfigError::Invalid { field, reason: "TLS needs both server.tls_cert_file and server.tls_key_file (or neither)".into() });
@@ -410,6 +421,7 @@ mod tests {
             ("HARDNEG__RERANKER__DEVICE", "cuda:x", "reranker.device"),
             ("HARDNEG__ENCODER__DTYPE", "f8", "encoder.dtype"),
             ("HARDNEG__RERANKER__DTYPE", "half", "reranker.dtype"),
+            ("HARDNEG__ENCODER__CPU_KERNELS", "mkl", "encoder.cpu_kernels"),
             ("HARDNEG__SERVER__TLS_CERT_FILE", "/c.pem", "server.tls_key_file"),
         ] {
             let env = HashMap::from([(key.to_string(), value.to_string())]);

@@ -1,11 +1,16 @@
 //! The BERT encoder body (embeddings + transformer layers), written for inference speed on
 //! CPU: query, key and value projections fused into one matmul over all tokens of the batch,
-//! and GELU computed with a vectorizable erf instead of libm's scalar one. Weights load from
-//! Hugging Face checkpoints (`BertModel` or `bert.`-prefixed task models); the result matches
-//! candle-transformers' `BertModel` (checked in tests).
+//! GELU computed with a vectorizable erf instead of libm's scalar one, and, on the CPU kernels
+//! of [`super::cpu`], only the batch's real tokens through the layers (right padding is cut
+//! out, attention runs per sequence). Weights load from Hugging Face checkpoints (`BertModel`
+//! or `bert.`-prefixed task models); the result matches candle-transformers' `BertModel` at
+//! every unpadded position (checked in tests).
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
-use candle_nn::{Embedding, LayerNorm, Linear, VarBuilder};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
+use rayon::prelude::*;
+
+use super::cpu::{self, Kernels, dense::Dense};
 
 struct Embeddings {
     word: Embedding,
@@ -15,11 +20,11 @@ struct Embeddings {
 }
 
 struct Layer {
-    qkv: Linear,
-    attn_out: Linear,
+    qkv: Dense,
+    attn_out: Dense,
     attn_norm: LayerNorm,
-    intermediate: Linear,
-    output: Linear,
+    intermediate: Dense,
+    output: Dense,
     out_norm: LayerNorm,
 }
 
@@ -44,8 +49,8 @@ fn layer_norm(vb: VarBuilder, size: usize, eps: f64) -> Result<LayerNorm> {
     Ok(LayerNorm::new(weight, bias, eps))
 }
 
-fn linear(vb: VarBuilder, input: usize, output: usize) -> Result<Linear> {
-    Ok(Linear::new(vb.get((output, input), "weight")?, Some(vb.get(output, "bias")?)))
+fn linear(vb: VarBuilder, input: usize, output: usize) -> Result<Dense> {
+    Dense::new(vb.get((output, input), "weight")?, Some(vb.get(output, "bias")?))
 }
 
 impl BertBody {
@@ -82,7 +87,7 @@ impl BertBody {
             let biases = ["query", "key", "value"].map(|n| s.get(h, &format!("{n}.bias")));
             let [wq, wk, wv] = weights;
             let [bq, bk, bv] = biases;
-            let qkv = Linear::new(Tensor::cat(&[wq?, wk?, wv?], 0)?, Some(Tensor::cat(&[bq?, bk?, bv?], 0)?));
+            let qkv = Dense::new(Tensor::cat(&[wq?, wk?, wv?], 0)?, Some(Tensor::cat(&[bq?, bk?, bv?], 0)?))?;
             layers.push(Layer {
                 qkv,
                 attn_out: linear(l.pp("attention.output.dense"), h, h)?,
@@ -123,7 +128,15 @@ impl BertBody {
             .forward(ids)?
             .broadcast_add(&self.embeddings.position.forward(&positions)?)?
             .add(&self.embeddings.token_type.forward(types)?)?;
-        let mut x = self.embeddings.norm.forward(&x)?.reshape((b * l, self.hidden))?;
+        let x = self.embeddings.norm.forward(&x)?.reshape((b * l, self.hidden))?;
+        if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && !matches!(cpu::selected(), Kernels::Candle)
+            && let Some(lens) = prefix_lengths(mask)?
+        {
+            return self.forward_packed(x, &lens, b, l);
+        }
+        let mut x = x;
         // Padding gets a large negative bias before the softmax: (b, 1, 1, l), made in f32 and
         // held in the activations' dtype (f16 tops out at 65504; the softmax accumulates in f32).
         let dtype = x.dtype();
@@ -137,14 +150,42 @@ impl BertBody {
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.contiguous()?.reshape((b * l, self.hidden))?;
-            let attn = layer.attn_out.forward(&ctx)?;
-            x = layer.attn_norm.forward(&(attn + &x)?)?;
+            x = layer.attn_norm.forward(&layer.attn_out.forward_residual(&ctx, &x)?)?;
             let inter = activation(&layer.intermediate.forward(&x)?, self.act)?;
-            let out = layer.output.forward(&inter)?;
-            x = layer.out_norm.forward(&(out + &x)?)?;
+            x = layer.out_norm.forward(&layer.output.forward_residual(&inter, &x)?)?;
         }
         x.reshape((b, l, self.hidden))
     }
+
+    /// The layers on the CPU kernels over the batch's real tokens only, packed back to back
+    /// (every dense layer, norm and activation works per token; attention per sequence), then
+    /// scattered back to (batch, len, hidden) with zeros at the padding, which no pooling reads.
+    fn forward_packed(&self, x: Tensor, lens: &[usize], b: usize, l: usize) -> Result<Tensor> {
+        let rows: Vec<u32> = lens.iter().enumerate().flat_map(|(i, &n)| (0..n).map(move |t| (i * l + t) as u32)).collect();
+        let rows = Tensor::from_vec(rows, lens.iter().sum::<usize>(), &self.device)?;
+        let mut x = x.index_select(&rows, 0)?;
+        for layer in &self.layers {
+            let ctx = cpu::attention::attention(&layer.qkv.forward(&x)?, lens, self.heads, self.head_dim)?;
+            x = layer.attn_norm.forward(&layer.attn_out.forward_residual(&ctx, &x)?)?;
+            let inter = activation(&layer.intermediate.forward(&x)?, self.act)?;
+            x = layer.out_norm.forward(&layer.output.forward_residual(&inter, &x)?)?;
+        }
+        Tensor::zeros((b * l, self.hidden), x.dtype(), &self.device)?.index_add(&rows, &x, 0)?.reshape((b, l, self.hidden))
+    }
+}
+
+/// Each row's token count when every row of the (batch, len) mask is ones then zeros (right
+/// padding, as BERT tokenizers pad); `None` for any other shape.
+fn prefix_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
+    let (_, l) = mask.dims2()?;
+    let values = mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
+    Ok(values
+        .chunks(l.max(1))
+        .map(|row| {
+            let n = row.iter().take_while(|&&m| m != 0).count();
+            row[n..].iter().all(|&m| m == 0).then_some(n)
+        })
+        .collect())
 }
 
 fn activation(x: &Tensor, act: HiddenAct) -> Result<Tensor> {
@@ -196,17 +237,9 @@ impl CustomOp1 for FastGeluErf {
             None => candle_core::bail!("fast-gelu-erf: contiguous input only"),
         };
         let mut out = vec![0f32; input.len()];
-        let threads = candle_core::utils::get_num_threads().max(1);
+        let threads = rayon::current_num_threads().max(1);
         let chunk = input.len().div_ceil(threads).max(4096);
-        std::thread::scope(|s| {
-            for (src, dst) in input.chunks(chunk).zip(out.chunks_mut(chunk)) {
-                s.spawn(move || {
-                    for (o, &x) in dst.iter_mut().zip(src) {
-                        *o = 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2));
-                    }
-                });
-            }
-        });
+        input.par_chunks(chunk).zip(out.par_chunks_mut(chunk)).for_each(|(src, dst)| cpu::simd::gelu_erf(src, dst));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }

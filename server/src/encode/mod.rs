@@ -7,6 +7,7 @@
 pub mod arch;
 pub mod batcher;
 pub mod body;
+pub mod cpu;
 pub mod cross;
 pub mod device;
 pub mod embedder;

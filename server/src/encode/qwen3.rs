@@ -4,7 +4,9 @@
 //! differences, so each text's states equal those of the text alone (or left-padded, as
 //! sentence-transformers pads decoders).
 use candle_core::{D, DType, Device, Module, Result, Tensor};
-use candle_nn::{Embedding, Linear, RmsNorm, VarBuilder};
+use candle_nn::{Embedding, RmsNorm, VarBuilder};
+
+use super::cpu::dense::Dense;
 use serde::Deserialize;
 use serde_json::Value;
 
@@ -76,17 +78,17 @@ impl Qwen3Config {
 }
 
 struct Layer {
-    q: Linear,
-    k: Linear,
-    v: Linear,
-    o: Linear,
+    q: Dense,
+    k: Dense,
+    v: Dense,
+    o: Dense,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
     input_norm: RmsNorm,
     post_norm: RmsNorm,
-    gate: Linear,
-    up: Linear,
-    down: Linear,
+    gate: Dense,
+    up: Dense,
+    down: Dense,
 }
 
 pub struct Qwen3Body {
@@ -101,9 +103,9 @@ pub struct Qwen3Body {
     device: Device,
 }
 
-fn linear(vb: VarBuilder, input: usize, output: usize, bias: bool) -> Result<Linear> {
+fn linear(vb: VarBuilder, input: usize, output: usize, bias: bool) -> Result<Dense> {
     let b = if bias { Some(vb.get(output, "bias")?) } else { None };
-    Ok(Linear::new(vb.get((output, input), "weight")?, b))
+    Dense::new(vb.get((output, input), "weight")?, b)
 }
 
 fn rms(vb: VarBuilder, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -181,7 +183,7 @@ impl Qwen3Body {
         for layer in &self.layers {
             let residual = x.clone();
             let hs = layer.input_norm.forward(&x)?;
-            let heads = |lin: &Linear, norm: &RmsNorm, n: usize| -> Result<Tensor> {
+            let heads = |lin: &Dense, norm: &RmsNorm, n: usize| -> Result<Tensor> {
                 let t = lin.forward(&hs)?.reshape((b, l, n, self.head_dim))?;
                 norm.forward(&t)?.transpose(1, 2)?.contiguous()
             };
@@ -202,11 +204,11 @@ impl Qwen3Body {
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.heads * self.head_dim))?;
-            x = (layer.o.forward(&ctx)? + residual)?;
+            x = layer.o.forward_residual(&ctx, &residual)?;
             let residual = x.clone();
             let hs = layer.post_norm.forward(&x)?;
             let act = candle_nn::ops::silu(&layer.gate.forward(&hs)?)?;
-            x = (layer.down.forward(&(act * layer.up.forward(&hs)?)?)? + residual)?;
+            x = layer.down.forward_residual(&(act * layer.up.forward(&hs)?)?, &residual)?;
         }
         let out = self.norm.forward(&x)?;
         debug_assert_eq!(out.dim(D::Minus1)?, self.hidden);

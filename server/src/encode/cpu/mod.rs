@@ -1,0 +1,244 @@
+//! CPU kernels for the f32 transformer bodies, chosen once per process (`encoder.cpu_kernels`):
+//!
+//! - `blas`: dense layers through a BLAS library opened at run time (OpenBLAS or MKL: kernels
+//!   tuned per processor), each call single-threaded on its share of the rows; attention fused
+//!   per (sequence, head) ([`attention`]); softmax and GELU vectorized for the processor's
+//!   widest instructions ([`simd`]).
+//! - `fused`: the same, with the gemm crate (candle's own matrix kernels) for the products:
+//!   what runs where no BLAS library is installed.
+//! - `candle`: candle's operations as they are, for comparison.
+//!
+//! `auto` takes `blas` when a library opens, passes its check and beats the gemm crate on a
+//! dense layer's product at start (an old library may not know a newer processor), else
+//! `fused`. Every choice
+//! computes in f32: results differ from candle's by rounding only (tested within 1e-4).
+use std::sync::Mutex;
+
+use parking_lot::RwLock;
+use rayon::prelude::*;
+
+pub mod attention;
+mod blas;
+pub mod dense;
+pub mod simd;
+
+pub use blas::{Blas, SEARCHED};
+
+/// What the configuration asks for.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelsSpec {
+    Auto,
+    Blas,
+    Fused,
+    Candle,
+}
+
+impl KernelsSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "blas" => Ok(Self::Blas),
+            "fused" => Ok(Self::Fused),
+            "candle" => Ok(Self::Candle),
+            other => Err(format!("unknown CPU kernels {other:?}: expected \"auto\", \"blas\", \"fused\" or \"candle\"")),
+        }
+    }
+}
+
+/// What runs.
+#[derive(Clone, Copy)]
+pub enum Kernels {
+    Candle,
+    Fused,
+    Blas(&'static Blas),
+}
+
+impl Kernels {
+    pub fn name(self) -> &'static str {
+        match self {
+            Kernels::Candle => "candle",
+            Kernels::Fused => "fused",
+            Kernels::Blas(_) => "blas",
+        }
+    }
+}
+
+static SELECTED: RwLock<Option<Kernels>> = RwLock::new(None);
+
+/// The kernels in use: those of the last [`select`], else `auto` with the default library
+/// search (chosen on first use).
+pub fn selected() -> Kernels {
+    if let Some(kernels) = *SELECTED.read() {
+        return kernels;
+    }
+    let mut slot = SELECTED.write();
+    *slot.get_or_insert_with(|| resolve(KernelsSpec::Auto, "").map(|(k, _)| k).unwrap_or(Kernels::Fused))
+}
+
+/// Selects the kernels for the whole process and says what was chosen and why, for the log.
+/// `library` names the BLAS library to open (a file name the dynamic loader finds, or a
+/// path); empty tries [`SEARCHED`] in order. `blas` fails when no library can be used; `auto`
+/// falls back to `fused`.
+pub fn select(spec: KernelsSpec, library: &str) -> Result<String, String> {
+    let (kernels, why) = resolve(spec, library)?;
+    *SELECTED.write() = Some(kernels);
+    let detail = match kernels {
+        Kernels::Blas(blas) => format!("blas through {}", blas.description),
+        other => other.name().to_string(),
+    };
+    Ok(format!(
+        "CPU kernels: {detail}{why}; processor: {}; element-wise loops for {:?}",
+        processor(),
+        simd::width()
+    ))
+}
+
+fn resolve(spec: KernelsSpec, library: &str) -> Result<(Kernels, String), String> {
+    Ok(match spec {
+        KernelsSpec::Candle => (Kernels::Candle, String::new()),
+        KernelsSpec::Fused => (Kernels::Fused, String::new()),
+        KernelsSpec::Blas => (Kernels::Blas(open_library(library).map_err(|e| format!("no BLAS library could be used: {e}"))?), String::new()),
+        KernelsSpec::Auto => match open_library(library) {
+            Ok(blas) => {
+                // The library's kernels for this processor against the gemm crate's, raced on a
+                // dense layer's product: a library that does not know the processor (an old
+                // OpenBLAS on a newer core) falls back to slower kernels than the gemm crate's.
+                let (with_blas, with_gemm) = race(blas);
+                let why = format!(" (auto: {with_blas:.0} GFLOP/s against {with_gemm:.0} for the built-in kernels)");
+                if with_blas >= with_gemm { (Kernels::Blas(blas), why) } else { (Kernels::Fused, why.replace("auto:", "auto, BLAS library slower here:")) }
+            }
+            Err(e) => (Kernels::Fused, format!(" (auto: no BLAS library could be used: {e})")),
+        },
+    })
+}
+
+/// GFLOP/s of a dense layer's product (512 tokens through a 384 -> 1536 layer, MiniLM's
+/// largest) with the library and with the gemm crate, the best of five each, interleaved.
+fn race(blas: &'static Blas) -> (f64, f64) {
+    let (m, n, k) = (512, 1536, 384);
+    let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
+    let w: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
+    let mut out = vec![0f32; m * n];
+    let flops = 2.0 * (m * n * k) as f64;
+    let (mut best_blas, mut best_gemm) = (f64::MAX, f64::MAX);
+    for _ in 0..5 {
+        for (kernels, best) in [(Kernels::Blas(blas), &mut best_blas), (Kernels::Fused, &mut best_gemm)] {
+            let started = std::time::Instant::now();
+            gemm_nt_rows(kernels, m, n, k, &x, &w, &mut out, false);
+            *best = best.min(started.elapsed().as_secs_f64());
+        }
+    }
+    (flops / best_blas / 1e9, flops / best_gemm / 1e9)
+}
+
+/// Libraries stay loaded for the life of the process: each is opened once.
+fn open_library(name: &str) -> Result<&'static Blas, String> {
+    static OPENED: Mutex<Vec<(String, &'static Blas)>> = Mutex::new(Vec::new());
+    let mut opened = OPENED.lock().unwrap_or_else(|e| e.into_inner());
+    if let Some((_, blas)) = opened.iter().find(|(n, _)| n == name) {
+        return Ok(blas);
+    }
+    let blas = if name.is_empty() { Blas::open_first(SEARCHED)? } else { Blas::open(name)? };
+    let blas: &'static Blas = Box::leak(Box::new(blas));
+    opened.push((name.to_string(), blas));
+    Ok(blas)
+}
+
+/// The processor's model name and the vector features that matter here.
+pub fn processor() -> String {
+    let model = std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| info.lines().find(|l| l.starts_with("model name")).and_then(|l| l.split(':').nth(1)).map(|s| s.trim().to_string()))
+        .unwrap_or_else(|| "unknown model".to_string());
+    #[allow(unused_mut)]
+    let mut features: Vec<&str> = Vec::new();
+    #[cfg(target_arch = "x86_64")]
+    {
+        macro_rules! probe {
+            ($($f:tt),*) => {$(
+                if std::arch::is_x86_feature_detected!($f) {
+                    features.push($f);
+                }
+            )*};
+        }
+        probe!("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avx512bf16");
+    }
+    format!("{model} ({}), {} threads", if features.is_empty() { "no vector extensions probed".into() } else { features.join(" ") }, rayon::current_num_threads())
+}
+
+/// Products this small run on one thread: splitting costs more than it saves.
+const SPLIT_FLOPS: usize = 1 << 21;
+
+/// `out (m, n) = x (m, k) · wᵀ (+ out when `accumulate`)`, `w` stored as (n, k) rows, the
+/// rows split across the thread pool.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_nt_rows(kernels: Kernels, m: usize, n: usize, k: usize, x: &[f32], w: &[f32], out: &mut [f32], accumulate: bool) {
+    assert!(x.len() == m * k && w.len() == n * k && out.len() == m * n, "dense product: sizes do not match ({m}, {n}, {k})");
+    if m == 0 || n == 0 {
+        return;
+    }
+    let threads = if m * n * k >= SPLIT_FLOPS { rayon::current_num_threads() } else { 1 };
+    match kernels {
+        Kernels::Blas(blas) => {
+            // Two shares per thread, so a thread held up elsewhere costs half a share.
+            let rows = if threads > 1 { m.div_ceil(2 * threads).max(32) } else { m };
+            out.par_chunks_mut(rows * n).zip(x.par_chunks(rows * k)).for_each(|(out, x)| {
+                // SAFETY: the chunks hold whole rows of the (rows, n) and (rows, k) matrices,
+                // `w` the whole (n, k) one; each chunk of `out` belongs to this call alone.
+                unsafe { blas.sgemm(out.len() / n, n, k, 1.0, x.as_ptr(), k, w.as_ptr(), k, true, if accumulate { 1.0 } else { 0.0 }, out.as_mut_ptr(), n) }
+            });
+        }
+        Kernels::Fused | Kernels::Candle => {
+            let parallelism = if threads > 1 { gemm::Parallelism::Rayon(threads) } else { gemm::Parallelism::None };
+            // SAFETY: the sizes were checked above; rhs (k, n) reads `w` transposed.
+            unsafe {
+                gemm::gemm(m, n, k, out.as_mut_ptr(), 1, n as isize, accumulate, x.as_ptr(), 1, k as isize, w.as_ptr(), k as isize, 1, 1.0, 1.0, false, false, false, parallelism)
+            }
+        }
+    }
+}
+
+/// `c (m, n) = alpha · a (m, k) · bᵀ` on this thread, `b` stored as (n, k) rows; row strides
+/// `lda`, `ldb`, `ldc`.
+#[allow(clippy::too_many_arguments)]
+pub(crate) fn gemm_nt_single(kernels: Kernels, m: usize, n: usize, k: usize, alpha: f32, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: &mut [f32], ldc: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(reach(m, k, lda) <= a.len() && reach(n, k, ldb) <= b.len() && reach(m, n, ldc) <= c.len(), "product: matrices out of their slices");
+    match kernels {
+        // SAFETY: the bounds were checked above.
+        Kernels::Blas(blas) => unsafe { blas.sgemm(m, n, k, alpha, a.as_ptr(), lda, b.as_ptr(), ldb, true, 0.0, c.as_mut_ptr(), ldc) },
+        Kernels::Fused | Kernels::Candle => unsafe {
+            gemm::gemm(m, n, k, c.as_mut_ptr(), 1, ldc as isize, false, a.as_ptr(), 1, lda as isize, b.as_ptr(), ldb as isize, 1, 0.0, alpha, false, false, false, gemm::Parallelism::None)
+        },
+    }
+}
+
+/// `c (m, n) = a (m, k) · b (k, n)` on this thread, row strides `lda`, `ldb`, `ldc`.
+///
+/// # Safety
+/// `c` must be valid for writes at every (i, j) with i < m, j < n, at `c + i·ldc + j`, and no
+/// other thread may touch those elements during the call.
+#[allow(clippy::too_many_arguments)]
+pub(crate) unsafe fn gemm_nn_single(kernels: Kernels, m: usize, n: usize, k: usize, a: &[f32], lda: usize, b: &[f32], ldb: usize, c: *mut f32, ldc: usize) {
+    if m == 0 || n == 0 {
+        return;
+    }
+    assert!(reach(m, k, lda) <= a.len() && reach(k, n, ldb) <= b.len(), "product: matrices out of their slices");
+    match kernels {
+        // SAFETY: `a` and `b` checked above, `c` by the caller's contract.
+        Kernels::Blas(blas) => unsafe { blas.sgemm(m, n, k, 1.0, a.as_ptr(), lda, b.as_ptr(), ldb, false, 0.0, c, ldc) },
+        Kernels::Fused | Kernels::Candle => unsafe {
+            gemm::gemm(m, n, k, c, 1, ldc as isize, false, a.as_ptr(), 1, lda as isize, b.as_ptr(), 1, ldb as isize, 0.0, 1.0, false, false, false, gemm::Parallelism::None)
+        },
+    }
+}
+
+/// Elements a (rows, cols) matrix with row stride `ld` spans.
+fn reach(rows: usize, cols: usize, ld: usize) -> usize {
+    if rows == 0 || cols == 0 { 0 } else { (rows - 1) * ld + cols }
+}
+
+#[cfg(test)]
+mod tests;

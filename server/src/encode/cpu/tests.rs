@@ -1,0 +1,210 @@
+//! The kernels against candle's operations and plain formulas. Each test selects kernels for
+//! its whole process (nextest runs every test in a process of its own).
+use std::path::PathBuf;
+
+use candle_core::{Device, Tensor};
+
+use super::*;
+use crate::encode::testing::{real_model_dir, seeded_cross_encoder};
+use crate::encode::{BatchConfig, Encoder, Reranker};
+
+const CFG: BatchConfig = BatchConfig { token_budget: 32 * 256, max_batch_texts: 32, queue_capacity: 64 };
+
+/// The choices this machine runs: `blas` only where a library opens.
+fn choices() -> Vec<KernelsSpec> {
+    let mut out = vec![KernelsSpec::Candle, KernelsSpec::Fused];
+    if select(KernelsSpec::Blas, "").is_ok() {
+        out.push(KernelsSpec::Blas);
+    }
+    out
+}
+
+/// The first `n` Cranfield documents (title and text), from ../shared/datasets or
+/// $HARDNEG_DATASETS.
+fn cranfield_texts(n: usize) -> Vec<String> {
+    let dir = std::env::var_os("HARDNEG_DATASETS")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../../shared/datasets"));
+    let corpus = std::fs::read_to_string(dir.join("cranfield/corpus.jsonl")).expect("cranfield corpus: set HARDNEG_DATASETS");
+    corpus
+        .lines()
+        .filter_map(|line| serde_json::from_str::<serde_json::Value>(line).ok())
+        .map(|d| format!("{} {}", d["title"].as_str().unwrap_or(""), d["text"].as_str().unwrap_or("")).trim().to_string())
+        .filter(|t| !t.is_empty())
+        .take(n)
+        .collect()
+}
+
+fn max_abs_diff(a: &[f32], b: &[f32]) -> f32 {
+    a.iter().zip(b).map(|(x, y)| (x - y).abs()).fold(0.0, f32::max)
+}
+
+#[tokio::test]
+async fn every_choice_gives_candles_embeddings_on_cranfield() {
+    // Lengths from a few tokens to past the 256 limit, so batches pad and truncate.
+    let mut texts = cranfield_texts(48);
+    texts.push("boundary layer".into());
+    let mut reference: Option<Vec<Vec<f32>>> = None;
+    for choice in choices() {
+        select(choice, "").unwrap();
+        let enc = Encoder::load(&real_model_dir(), 0, CFG).unwrap();
+        let vectors = enc.encode(texts.clone()).await.unwrap();
+        match &reference {
+            None => reference = Some(vectors),
+            Some(want) => {
+                for (i, (got, want)) in vectors.iter().zip(want).enumerate() {
+                    let diff = max_abs_diff(got, want);
+                    assert!(diff < 1e-5, "{choice:?}, text {i}: max |difference| {diff} from candle's");
+                }
+            }
+        }
+    }
+}
+
+#[tokio::test]
+async fn every_choice_gives_candles_cross_encoder_probabilities() {
+    let dir = tempfile::tempdir().unwrap();
+    seeded_cross_encoder(&real_model_dir(), dir.path(), 1, 42);
+    let texts = cranfield_texts(17);
+    let pairs: Vec<(String, String)> = texts.iter().skip(1).map(|d| (texts[0].clone(), d.clone())).collect();
+    let mut reference: Option<Vec<f32>> = None;
+    for choice in choices() {
+        select(choice, "").unwrap();
+        let reranker = Reranker::load(dir.path(), 256, CFG).unwrap();
+        let scores = reranker.score(pairs.clone()).await.unwrap();
+        match &reference {
+            None => reference = Some(scores),
+            Some(want) => {
+                let diff = max_abs_diff(&scores, want);
+                assert!(diff < 1e-5, "{choice:?}: max |probability difference| {diff} from candle's");
+            }
+        }
+    }
+}
+
+/// `x · wᵀ + b + r` by the plain loops, in f64.
+fn dense_reference(x: &[f32], w: &[f32], b: Option<&[f32]>, r: Option<&[f32]>, m: usize, n: usize, k: usize) -> Vec<f32> {
+    let mut out = vec![0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            let dot: f64 = (0..k).map(|p| x[i * k + p] as f64 * w[j * k + p] as f64).sum();
+            out[i * n + j] = (dot + b.map_or(0.0, |b| b[j] as f64) + r.map_or(0.0, |r| r[i * n + j] as f64)) as f32;
+        }
+    }
+    out
+}
+
+fn values(len: usize, seed: usize) -> Vec<f32> {
+    (0..len).map(|i| (((i * 31 + seed * 17) % 97) as f32 - 48.0) / 50.0).collect()
+}
+
+#[test]
+fn dense_layers_match_the_plain_product() {
+    // One row (a query), a row count that splits unevenly, and one past the split threshold.
+    for choice in choices() {
+        select(choice, "").unwrap();
+        for (m, n, k) in [(1, 7, 5), (3, 33, 17), (257, 96, 64)] {
+            let (x, w, b, r) = (values(m * k, 1), values(n * k, 2), values(n, 3), values(m * n, 4));
+            let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
+            let wt = Tensor::from_slice(&w, (n, k), &Device::Cpu).unwrap();
+            let bt = Tensor::from_slice(&b, n, &Device::Cpu).unwrap();
+            let rt = Tensor::from_slice(&r, (m, n), &Device::Cpu).unwrap();
+            let with_bias = dense::Dense::new(wt.clone(), Some(bt)).unwrap();
+            let without = dense::Dense::new(wt, None).unwrap();
+            let cases = [
+                (with_bias.forward(&xt).unwrap(), dense_reference(&x, &w, Some(&b), None, m, n, k), "bias"),
+                (with_bias.forward_residual(&xt, &rt).unwrap(), dense_reference(&x, &w, Some(&b), Some(&r), m, n, k), "bias + residual"),
+                (without.forward(&xt).unwrap(), dense_reference(&x, &w, None, None, m, n, k), "no bias"),
+                (without.forward_residual(&xt, &rt).unwrap(), dense_reference(&x, &w, None, Some(&r), m, n, k), "residual"),
+            ];
+            for (got, want, what) in cases {
+                let got = got.flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let diff = max_abs_diff(&got, &want);
+                assert!(diff < 1e-4, "{choice:?} ({m}, {n}, {k}) {what}: max |difference| {diff}");
+            }
+        }
+    }
+}
+
+#[test]
+fn fused_attention_matches_the_formula_on_packed_sequences() {
+    // Sequences of 9, 5, 0 and 1 tokens, back to back.
+    let (lens, heads, d) = ([9usize, 5, 0, 1], 2, 4);
+    let hidden = heads * d;
+    let tokens: usize = lens.iter().sum();
+    let qkv = values(tokens * 3 * hidden, 5);
+    let mut want = vec![0f32; tokens * hidden];
+    let mut first = 0;
+    for &n in &lens {
+        for h in 0..heads {
+            let row = |u: usize, part: usize| &qkv[(first + u) * 3 * hidden + part * hidden + h * d..][..d];
+            for t in 0..n {
+                let scores: Vec<f64> = (0..n)
+                    .map(|u| row(t, 0).iter().zip(row(u, 1)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt())
+                    .collect();
+                let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
+                let sum: f64 = scores.iter().map(|v| (v - max).exp()).sum();
+                for c in 0..d {
+                    let value: f64 = (0..n).map(|u| (scores[u] - max).exp() / sum * row(u, 2)[c] as f64).sum();
+                    want[(first + t) * hidden + h * d + c] = value as f32;
+                }
+            }
+        }
+        first += n;
+    }
+    for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
+        select(choice, "").unwrap();
+        let qkv_t = Tensor::from_slice(&qkv, (tokens, 3 * hidden), &Device::Cpu).unwrap();
+        let got = attention::attention(&qkv_t, &lens, heads, d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+        let diff = max_abs_diff(&got, &want);
+        assert!(diff < 1e-5, "{choice:?}: max |difference| {diff}");
+    }
+}
+
+/// Right padding runs packed; any other mask (a gap inside, left padding) runs padded. Both
+/// give candle's hidden states at every unmasked position.
+#[test]
+fn the_body_matches_candle_with_any_mask() {
+    use candle_nn::VarBuilder;
+    use candle_transformers::models::bert::Config;
+    let dir = real_model_dir();
+    let config: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let vb = VarBuilder::from_buffered_safetensors(weights, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let body = crate::encode::body::BertBody::load(vb, &config).unwrap();
+    let ids = Tensor::new(&[[101u32, 2023, 2003, 1037, 3231, 102, 0, 0], [101, 7592, 2088, 2005, 2256, 3899, 2015, 102], [0, 0, 101, 7592, 2088, 2005, 102, 0]], &Device::Cpu).unwrap();
+    let types = ids.zeros_like().unwrap();
+    let prefix = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], &Device::Cpu).unwrap();
+    let gaps = Tensor::new(&[[1u32, 1, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 0]], &Device::Cpu).unwrap();
+    for mask in [prefix, gaps] {
+        select(KernelsSpec::Candle, "").unwrap();
+        let want = body.forward(&ids, &types, &mask).unwrap();
+        let keep = mask.to_dtype(candle_core::DType::F32).unwrap().unsqueeze(2).unwrap();
+        let want = want.broadcast_mul(&keep).unwrap();
+        for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
+            select(choice, "").unwrap();
+            let got = body.forward(&ids, &types, &mask).unwrap().broadcast_mul(&keep).unwrap();
+            let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{choice:?}: max |difference| {diff} at unmasked positions");
+        }
+    }
+}
+
+#[test]
+fn a_library_that_cannot_be_used_is_named() {
+    let err = select(KernelsSpec::Blas, "/nonexistent/libnothing.so").unwrap_err();
+    assert!(err.contains("/nonexistent/libnothing.so"), "{err}");
+    // A library without cblas_sgemm (the C library itself) is refused for that reason.
+    let err = select(KernelsSpec::Blas, "libc.so.6").unwrap_err();
+    assert!(err.contains("no cblas_sgemm"), "{err}");
+    // auto says why it fell back, and runs.
+    let line = select(KernelsSpec::Auto, "/nonexistent/libnothing.so").unwrap();
+    assert!(line.contains("fused") && line.contains("libnothing"), "{line}");
+    assert!(matches!(selected(), Kernels::Fused));
+    assert!(KernelsSpec::parse("mkl").unwrap_err().contains("\"auto\""));
+    // With a library, auto races it against the built-in kernels and says how it went.
+    if select(KernelsSpec::Blas, "").is_ok() {
+        let line = select(KernelsSpec::Auto, "").unwrap();
+        assert!(line.contains("GFLOP/s"), "{line}");
+    }
+}
