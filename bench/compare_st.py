@@ -17,6 +17,12 @@ inside it. `--setup-only` stops after that step.
     python3 bench/compare_st.py --server target/release/hardneg-server \\
         ../shared/datasets/cranfield ../shared/datasets/cisi
 
+Then the models' speed side by side, in the same run: sentence-transformers' `encode` on the
+corpus and on the queries (32 per call) against hardneg's ingest and `Mine`'s `encode_seconds`,
+and sentence-transformers' `CrossEncoder` against hardneg's reranker on the same (query,
+document) pairs (the model's body under a one-label head drawn from a fixed seed), with the
+processor's `lscpu` name and vector flags and the CPU kernels the server logged.
+
 Prints a table per collection and writes all numbers as JSON (--json).
 """
 import argparse
@@ -38,6 +44,8 @@ REQUIREMENTS = ROOT / "bench" / "requirements.txt"
 VENV = Path(os.environ.get("HARDNEG_BENCH_VENV", ROOT / "bench" / ".venv")).resolve()
 VENV_PYTHON = VENV / "bin" / "python"
 DATASETS = Path(os.environ.get("HARDNEG_DATASETS", ROOT.parent / "shared" / "datasets"))
+CLIENT = ROOT / "client" / "python"
+PROTO = ROOT / "proto" / "hardneg" / "v1" / "hardneg.proto"
 
 NUM_NEGATIVES = 5
 RANGE_MIN = 0
@@ -55,6 +63,31 @@ def ensure_venv() -> None:
     if not VENV_PYTHON.exists():
         subprocess.run([sys.executable, "-m", "venv", str(VENV)], check=True)
     subprocess.run([str(VENV_PYTHON), "-m", "pip", "install", "--quiet", "-r", str(REQUIREMENTS)], check=True)
+    marker.write_text(wanted + "\n")
+
+
+def client_fingerprint() -> str:
+    """Hash of what the installed client is built from: its sources and the proto."""
+    h = hashlib.sha256()
+    files = [CLIENT / "setup.py", CLIENT / "pyproject.toml", PROTO]
+    files += sorted(p for p in (CLIENT / "src").rglob("*.py") if not p.name.endswith(("_pb2.py", "_pb2_grpc.py")))
+    for p in files:
+        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+def ensure_client() -> None:
+    """Installs the hardneg client from this checkout into the venv unless the same sources are
+    there already (its runtime dependencies are pinned in bench/requirements.txt)."""
+    wanted = client_fingerprint()
+    marker = VENV / ".hardneg-client.sha256"
+    if marker.exists() and marker.read_text().strip() == wanted:
+        return
+    print(f"installing the hardneg client from {CLIENT.relative_to(ROOT)} into {VENV}", flush=True)
+    subprocess.run(
+        [str(VENV_PYTHON), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(CLIENT)],
+        check=True,
+    )
     marker.write_text(wanted + "\n")
 
 
@@ -246,7 +279,23 @@ def run_sentence_transformers(col: dict, args: argparse.Namespace) -> dict:
         "versions": {"sentence-transformers": sentence_transformers.__version__, "transformers": transformers.__version__, "torch": torch.__version__},
         "torch_threads": torch.get_num_threads(),
         "max_seq_length": model.max_seq_length,
+        "speed": encode_speed(model, corpus, [q["text"] for q in col["queries"]], tokens, args.batch_size),
     }
+
+
+def encode_speed(model, corpus: list, queries: list, tokens: dict, batch_size: int) -> dict:
+    """`encode` alone, batch `batch_size` (a warm-up first): the corpus in one call, the
+    queries one call per `batch_size` of them, as a trainer sends them batch by batch (and as
+    hardneg gets them, one Mine request each)."""
+    model.encode(corpus[:batch_size], batch_size=batch_size)
+    started = time.perf_counter()
+    model.encode(corpus, batch_size=batch_size)
+    out = {"documents": {"seconds": time.perf_counter() - started, "tokens": tokens["corpus"], "texts": len(corpus)}}
+    started = time.perf_counter()
+    for i in range(0, len(queries), batch_size):
+        model.encode(queries[i : i + batch_size], batch_size=batch_size)
+    out["queries"] = {"seconds": time.perf_counter() - started, "tokens": tokens["queries"], "texts": len(queries)}
+    return out
 
 
 # ---------------------------------------------------------------- hardneg
@@ -315,6 +364,10 @@ def run_hardneg(col: dict, args: argparse.Namespace) -> dict:
     env["HARDNEG__ENCODER__MAX_BATCH_TEXTS"] = str(args.batch_size)
     env["HARDNEG__ENCODER__TOKEN_BUDGET"] = str(args.batch_size * args.max_seq_length)
     env.pop("HARDNEG_AUTH_TOKEN", None)
+    # The cross-encoder: same truncation and batch as sentence-transformers' CrossEncoder.
+    env["HARDNEG__RERANKER__MAX_TOKENS"] = str(args.max_seq_length)
+    env["HARDNEG__RERANKER__MAX_BATCH_TEXTS"] = str(args.batch_size)
+    env["HARDNEG__RERANKER__TOKEN_BUDGET"] = str(args.batch_size * args.max_seq_length)
     q, qrels = str(col["folder"] / "queries.jsonl"), str(col["folder"] / "qrels" / "test.tsv")
     common = ["--num-negatives", str(NUM_NEGATIVES), "--range-min", str(RANGE_MIN), "--range-max", str(RANGE_MAX), "--sampling", "top"]
 
@@ -325,7 +378,7 @@ def run_hardneg(col: dict, args: argparse.Namespace) -> dict:
             raise RuntimeError(f"hardneg {' '.join(argv)}: exit {out.returncode}: {out.stderr.strip()}")
         return t.lap(), out.stdout
 
-    server_cmd = [str(args.server), "--listen", f"127.0.0.1:{port}", "--model-dir", str(args.model)]
+    server_cmd = [str(args.server), "--listen", f"127.0.0.1:{port}", "--model-dir", str(args.model), "--reranker-dir", str(args.cross_encoder)]
     config = subprocess.run([*server_cmd, "--data-dir", "unused", "--print-config"], env=env, capture_output=True, text=True, check=True).stdout
     with tempfile.TemporaryDirectory() as data, open(Path(data).parent / f"hardneg-compare-{port}.log", "w") as log:
         started, cpu_before = time.perf_counter(), children_cpu()
@@ -357,6 +410,8 @@ def run_hardneg(col: dict, args: argparse.Namespace) -> dict:
                     "mined": mined,
                     "metrics": score_negatives(col["queries"], mined, NUM_NEGATIVES),
                 }
+            speed = hardneg_speed(col, args, addr)
+            kernels = next((line.split("CPU kernels: ", 1)[1].strip() for line in Path(log.name).read_text().splitlines() if "CPU kernels: " in line), "not logged")
         finally:
             server.terminate()
             try:
@@ -381,8 +436,107 @@ def run_hardneg(col: dict, args: argparse.Namespace) -> dict:
         "ingest": ingest,
         "ingest_output": json.loads(ingest_out.strip().splitlines()[-1]),
         "runs": runs,
-        "encoder_config": {k: v for k, v in _config_section(config, "encoder").items() if k in ("max_tokens", "token_budget", "max_batch_texts", "device", "dtype")},
+        "encoder_config": {k: v for k, v in _config_section(config, "encoder").items() if k in ("max_tokens", "token_budget", "max_batch_texts", "device", "dtype", "cpu_kernels")},
+        "cpu_kernels": kernels,
+        "speed": speed,
     }
+
+
+# ---------------------------------------------------------------- model speed, side by side
+
+CE_QUERIES = 16  # queries whose reranked candidates are the cross-encoder's pairs
+CE_QUERIES_PER_REQUEST = 8
+CE_CANDIDATES = 32  # pairs per query: 512 in all
+
+
+def make_cross_encoder(body: Path, dst: Path, seed: int = 42) -> None:
+    """A cross-encoder checkpoint for speed: `body` (the bi-encoder's BERT) under a one-label
+    classification head drawn from `seed`; it costs what a MiniLM-L6 cross-encoder costs."""
+    import torch
+    import transformers
+    from transformers import AutoModelForSequenceClassification, AutoTokenizer
+
+    transformers.logging.set_verbosity_error()  # the new head's "newly initialized" report
+    transformers.logging.disable_progress_bar()
+    torch.manual_seed(seed)
+    with contextlib.redirect_stderr(io.StringIO()), contextlib.redirect_stdout(io.StringIO()):
+        model = AutoModelForSequenceClassification.from_pretrained(str(body), num_labels=1)
+    model.save_pretrained(str(dst), safe_serialization=True)
+    AutoTokenizer.from_pretrained(str(body)).save_pretrained(str(dst))
+
+
+def hardneg_speed(col: dict, args: argparse.Namespace, addr: str) -> dict:
+    """Query encoding (Mine's `encode_seconds` over all queries, 32 texts per request) and the
+    cross-encoder (`rerank_seconds`, `rerank_candidates` pairs per query, every one returned
+    with its text and probability, so sentence-transformers can score the same pairs)."""
+    import hardneg
+
+    miner = hardneg.Miner(addr.removeprefix("http://"))
+    queries = col["queries"]
+    encode_s = 0.0
+    miner.mine(col["name"], [{"text": q["text"]} for q in queries[: args.batch_size]], num_negatives=1)  # warm-up
+    for i in range(0, len(queries), args.batch_size):
+        chunk = queries[i : i + args.batch_size]
+        encode_s += miner.mine(col["name"], [{"text": q["text"]} for q in chunk], num_negatives=1).timings.encode_seconds
+    pairs, probabilities, rerank_s = [], [], 0.0
+    ce_queries = queries[:CE_QUERIES]
+    options = dict(num_negatives=CE_CANDIDATES, range_max=2 * CE_CANDIDATES, sampling="top", rerank=True, rerank_candidates=CE_CANDIDATES,
+                   adaptive_depth=False, exclude_batch_positives=False, return_text=True)
+    miner.mine(col["name"], [{"text": q["text"]} for q in ce_queries[:1]], **{**options, "rerank_candidates": 4, "num_negatives": 4})  # warm-up
+    for i in range(0, len(ce_queries), CE_QUERIES_PER_REQUEST):
+        chunk = ce_queries[i : i + CE_QUERIES_PER_REQUEST]
+        reply = miner.mine(col["name"], [{"text": q["text"], "positive_ids": [q["positive"]]} for q in chunk], **options)
+        rerank_s += reply.timings.rerank_seconds
+        for q, result in zip(chunk, reply.results):
+            for n in result.negatives:
+                pairs.append((q["text"], n.text))
+                probabilities.append(n.ce_score)
+    miner.close()
+    return {"queries": {"seconds": encode_s, "texts": len(queries)}, "cross_encoder": {"seconds": rerank_s, "pairs": pairs, "probabilities": probabilities}}
+
+
+def st_cross_encoder_speed(args: argparse.Namespace, pairs: list) -> dict:
+    """sentence-transformers' CrossEncoder on the same pairs, same truncation and batch."""
+    import numpy as np
+    from sentence_transformers import CrossEncoder
+
+    with contextlib.redirect_stderr(io.StringIO()):
+        model = CrossEncoder(str(args.cross_encoder), max_length=args.max_seq_length, device="cpu")
+        model.predict(pairs[: args.batch_size], batch_size=args.batch_size, show_progress_bar=False)  # warm-up
+        started = time.perf_counter()
+        scores = model.predict(pairs, batch_size=args.batch_size, show_progress_bar=False)
+    seconds = time.perf_counter() - started
+    tokens = sum(len(x) for x in model.tokenizer([a for a, _ in pairs], [b for _, b in pairs], truncation=True, max_length=args.max_seq_length)["input_ids"])
+    return {"seconds": seconds, "probabilities": np.asarray(scores, dtype=np.float64).ravel().tolist(), "tokens": tokens}
+
+
+def lscpu() -> dict:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    fields = dict(line.split(":", 1) for line in out.splitlines() if ":" in line)
+    flags = fields.get("Flags", "").split()
+    wanted = ("avx2", "fma", "avx512f", "avx512bw", "avx512_vnni", "avx512_bf16", "avx512_fp16", "amx_bf16", "amx_tile")
+    return {"model": fields.get("Model name", "?").strip(), "vector_flags": [f for f in wanted if f in flags]}
+
+
+def speed_report(col: dict, st: dict, hn: dict, ce_st: dict) -> list:
+    """The table of model speed, sentence-transformers and hardneg, same inputs, one run."""
+    s, h = st["speed"], hn["speed"]
+    doc_tokens, q_tokens = s["documents"]["tokens"], s["queries"]["tokens"]
+    rows = [
+        ("bi-encoder, documents (tokens/s)", doc_tokens / s["documents"]["seconds"], doc_tokens / hn["ingest"]["wall_s"], "ST encode vs hardneg ingest (encode + index + store)"),
+        ("bi-encoder, queries (tokens/s)", q_tokens / s["queries"]["seconds"], q_tokens / h["queries"]["seconds"], f"{s['queries']['texts']} queries, {col['batch_size']} per call; hardneg: Mine encode_seconds"),
+        ("cross-encoder (pairs/s)", len(h["cross_encoder"]["pairs"]) / ce_st["seconds"], len(h["cross_encoder"]["pairs"]) / h["cross_encoder"]["seconds"],
+         f"{len(h['cross_encoder']['pairs'])} pairs, {ce_st['tokens'] / max(1, len(h['cross_encoder']['pairs'])):.0f} tokens each; hardneg: Mine rerank_seconds"),
+    ]
+    diff = max((abs(a - b) for a, b in zip(h["cross_encoder"]["probabilities"], ce_st["probabilities"])), default=float("nan"))
+    cpu = lscpu()
+    lines = [f"model speed, one run: {cpu['model']} ({' '.join(cpu['vector_flags'])}); hardneg {hn.get('cpu_kernels', '?')}"]
+    head = f"{'':<34} {'sentence-transformers':>22} {'hardneg':>10} {'ratio':>6}  notes"
+    lines += [head, "-" * len(head)]
+    for name, a, b, note in rows:
+        lines.append(f"{name:<34} {a:22.1f} {b:10.1f} {b / a:5.2f}x  {note}")
+    lines.append(f"cross-encoder probabilities, hardneg vs sentence-transformers on the same pairs: max |diff| {diff:.2e}")
+    return lines
 
 
 def _config_section(text: str, section: str) -> dict:
@@ -407,7 +561,7 @@ def load_average() -> str:
     return subprocess.run(["uptime"], capture_output=True, text=True).stdout.strip()
 
 
-def report(col: dict, st: dict, hn: dict, loads: dict) -> str:
+def report(col: dict, st: dict, hn: dict, loads: dict, ce_st: dict = None) -> str:
     lines = []
     n_docs, n_q = len(col["docs"]), len(col["queries"])
     lines.append(f"== {col['name']}: {n_q} queries with a judged-relevant document, {n_docs} documents")
@@ -424,6 +578,8 @@ def report(col: dict, st: dict, hn: dict, loads: dict) -> str:
     lines.append(f"query-positive cosine, sentence-transformers vs hardneg, over {d['queries']} queries: max |diff| {d['max']:.2e}, mean {d['mean']:.2e}")
     for k, v in loads.items():
         lines.append(f"load {k}: {v}")
+    if ce_st is not None:
+        lines += speed_report(col, st, hn, ce_st)
     fmt = lambda span: f"{span['wall_s']:.1f} s ({span['cpu_s']:.1f} CPU s)"
     tok = st["tokens"]
     lines.append(
@@ -503,7 +659,11 @@ def main() -> None:
     args.server = args.server.resolve()
     args.cli = (args.cli or args.server.parent / "hardneg").resolve()
     args.model = args.model.resolve()
+    ensure_client()
     datasets = args.datasets or [DATASETS / "cranfield"]
+    cross_dir = tempfile.TemporaryDirectory(prefix="hardneg-cross-encoder-")
+    args.cross_encoder = Path(cross_dir.name)
+    make_cross_encoder(args.model, args.cross_encoder)
     results = {}
     for folder in datasets:
         col = load_collection(folder.resolve())
@@ -513,7 +673,9 @@ def main() -> None:
         loads["after sentence-transformers"] = load_average()
         hn = run_hardneg(col, args)
         loads["after hardneg"] = load_average()
-        print(report(col, st, hn, loads), flush=True)
+        ce_st = st_cross_encoder_speed(args, hn["speed"]["cross_encoder"]["pairs"])
+        loads["after the cross-encoders"] = load_average()
+        print(report(col, st, hn, loads, ce_st), flush=True)
         print(flush=True)
         strip = lambda runs: {k: {kk: vv for kk, vv in v.items() if kk != "mined"} for k, v in runs.items()}
         results[col["name"]] = {
@@ -530,6 +692,19 @@ def main() -> None:
                 hk: agreement(st["runs"][st_key]["mined"], hn["runs"][hk]["mined"]) for _, st_key, hks in GROUPS if st_key for hk in hks
             },
             "positive_score_difference": positive_score_difference(st, hn),
+            "model_speed": {
+                "lscpu": lscpu(),
+                "cpu_kernels": hn["cpu_kernels"],
+                "sentence_transformers": {**st["speed"], "cross_encoder": {k: v for k, v in ce_st.items() if k != "probabilities"}},
+                "hardneg": {
+                    "documents": {"seconds": hn["ingest"]["wall_s"], "tokens": st["speed"]["documents"]["tokens"]},
+                    "queries": hn["speed"]["queries"],
+                    "cross_encoder": {"seconds": hn["speed"]["cross_encoder"]["seconds"], "pairs": len(hn["speed"]["cross_encoder"]["pairs"])},
+                },
+                "cross_encoder_max_probability_diff": max(
+                    (abs(a - b) for a, b in zip(hn["speed"]["cross_encoder"]["probabilities"], ce_st["probabilities"])), default=None
+                ),
+            },
         }
     args.json.parent.mkdir(parents=True, exist_ok=True)
     args.json.write_text(json.dumps(results, indent=2) + "\n")

@@ -111,8 +111,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 import compare_st as cst  # noqa: E402  (the venv, the collection reader, small helpers)
 
 ROOT = cst.ROOT
-CLIENT = ROOT / "client" / "python"
-PROTO = ROOT / "proto" / "hardneg" / "v1" / "hardneg.proto"
 RESULTS = ROOT / "bench" / "results"
 
 RANGE_MIN, RANGE_MAX = 0, 30
@@ -134,31 +132,6 @@ ROWS = {
 
 
 # ---------------------------------------------------------------- setup
-
-
-def client_fingerprint() -> str:
-    """Hash of what the installed client is built from: its sources and the proto."""
-    h = hashlib.sha256()
-    files = [CLIENT / "setup.py", CLIENT / "pyproject.toml", PROTO]
-    files += sorted(p for p in (CLIENT / "src").rglob("*.py") if not p.name.endswith(("_pb2.py", "_pb2_grpc.py")))
-    for p in files:
-        h.update(str(p.relative_to(ROOT)).encode() + b"\0" + p.read_bytes() + b"\0")
-    return h.hexdigest()
-
-
-def ensure_client() -> None:
-    """Installs the hardneg client from this checkout into the venv unless the same sources are
-    there already (its runtime dependencies are pinned in bench/requirements.txt)."""
-    wanted = client_fingerprint()
-    marker = cst.VENV / ".hardneg-client.sha256"
-    if marker.exists() and marker.read_text().strip() == wanted:
-        return
-    print(f"installing the hardneg client from {CLIENT.relative_to(ROOT)} into {cst.VENV}", flush=True)
-    subprocess.run(
-        [str(cst.VENV_PYTHON), "-m", "pip", "install", "--quiet", "--no-deps", "--force-reinstall", str(CLIENT)],
-        check=True,
-    )
-    marker.write_text(wanted + "\n")
 
 
 def parse_args() -> argparse.Namespace:
@@ -869,7 +842,7 @@ def verdict(col_out: dict) -> str:
 def main() -> None:
     args = parse_args()
     cst.ensure_venv()
-    ensure_client()
+    cst.ensure_client()
     if args.setup_only:
         return
     # OpenMP threads that spin while they wait collapse (4x slower steps, measured) when

@@ -115,7 +115,9 @@ fn bench_encoder(rt: &tokio::runtime::Runtime) {
     println!("\n## encoder: all-MiniLM-L6-v2, {} Cranfield documents, batch 32, by CPU kernels", texts.len());
     let choices = kernel_choices();
     kernels_header("max length", &choices, "tokens/s");
-    for max_len in [128usize, 256] {
+    // HARDNEG_BENCH_LENGTHS=128 narrows the documents' rows (empty: queries only).
+    let lengths: Vec<usize> = std::env::var("HARDNEG_BENCH_LENGTHS").map(|v| v.split(',').filter_map(|l| l.parse().ok()).collect()).unwrap_or(vec![128, 256]);
+    for max_len in lengths {
         let cfg = BatchConfig { token_budget: 32 * max_len, max_batch_texts: 32, queue_capacity: 64 };
         let rates: Vec<f64> = choices.iter().map(|&c| {
             cpu::select(c, &blas_library()).unwrap();
@@ -124,6 +126,25 @@ fn bench_encoder(rt: &tokio::runtime::Runtime) {
         let cells: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
         println!("| {max_len} | {} | {:.2}x |", cells.join(" | "), rates.iter().cloned().fold(0.0, f64::max) / rates[0]);
     }
+    // Queries: short texts, one call per 32 as a Mine request sends them.
+    let queries: Vec<String> = read_lines(dataset("cranfield").join("queries.jsonl")).into_iter().map(|q| q.text).collect();
+    let cfg = BatchConfig { token_budget: 32 * 256, max_batch_texts: 32, queue_capacity: 64 };
+    let rates: Vec<f64> = choices
+        .iter()
+        .map(|&c| {
+            cpu::select(c, &blas_library()).unwrap();
+            let encoder = Encoder::load(&model_dir(), 256, cfg).unwrap();
+            let tokens: usize = encoder.tokenize(&queries).unwrap().iter().map(|t| t.ids.len()).sum();
+            rt.block_on(encoder.encode(queries[..32].to_vec())).unwrap();
+            let started = Instant::now();
+            for chunk in queries.chunks(32) {
+                rt.block_on(encoder.encode(chunk.to_vec())).unwrap();
+            }
+            tokens as f64 / started.elapsed().as_secs_f64()
+        })
+        .collect();
+    let cells: Vec<String> = rates.iter().map(|r| format!("{r:.0}")).collect();
+    println!("| {} queries, 32 per call | {} | {:.2}x |", queries.len(), cells.join(" | "), rates.iter().cloned().fold(0.0, f64::max) / rates[0]);
     cpu::select(KernelsSpec::Auto, "").unwrap();
 }
 
