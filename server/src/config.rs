@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-use crate::encode::cpu::KernelsSpec;
 
 /// The `[index]` section, defined with the index that uses it.
 pub use crate::index::IndexConfig;
@@ -81,6 +80,27 @@ impl RerankerConfig {
     }
     pub fn dtype_spec(&self) -> DTypeSpec {
         parse_dtype(&self.dtype).expect("validated at load")
+    }
+}
+
+/// `encoder.cpu_kernels`: how f32 models run on the CPU (see `crate::encode::cpu`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum KernelsSpec {
+    Auto,
+    Blas,
+    Fused,
+    Candle,
+}
+
+impl KernelsSpec {
+    pub fn parse(s: &str) -> Result<Self, String> {
+        match s {
+            "auto" => Ok(Self::Auto),
+            "blas" => Ok(Self::Blas),
+            "fused" => Ok(Self::Fused),
+            "candle" => Ok(Self::Candle),
+            other => Err(format!("unknown CPU kernels {other:?}: expected \"auto\", \"blas\", \"fused\" or \"candle\"")),
+        }
     }
 }
 

@@ -23,27 +23,7 @@ pub mod dense;
 pub mod simd;
 
 pub use blas::{Blas, SEARCHED};
-
-/// What the configuration asks for.
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-pub enum KernelsSpec {
-    Auto,
-    Blas,
-    Fused,
-    Candle,
-}
-
-impl KernelsSpec {
-    pub fn parse(s: &str) -> Result<Self, String> {
-        match s {
-            "auto" => Ok(Self::Auto),
-            "blas" => Ok(Self::Blas),
-            "fused" => Ok(Self::Fused),
-            "candle" => Ok(Self::Candle),
-            other => Err(format!("unknown CPU kernels {other:?}: expected \"auto\", \"blas\", \"fused\" or \"candle\"")),
-        }
-    }
-}
+pub use crate::config::KernelsSpec;
 
 /// What runs.
 #[derive(Clone, Copy)]
