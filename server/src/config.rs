@@ -4,7 +4,6 @@ use std::path::{Path, PathBuf};
 
 use serde::Deserialize;
 
-
 /// The `[index]` section, defined with the index that uses it.
 pub use crate::index::IndexConfig;
 

@@ -206,13 +206,7 @@ impl CustomOp1 for FastGeluErf {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(data) = storage else {
-            candle_core::bail!("fast-gelu-erf: f32 only");
-        };
-        let input = match layout.contiguous_offsets() {
-            Some((start, end)) => &data[start..end],
-            None => candle_core::bail!("fast-gelu-erf: contiguous input only"),
-        };
+        let input = cpu::contiguous_f32(storage, layout, "fast-gelu-erf", "the input")?;
         let mut out = vec![0f32; input.len()];
         let threads = rayon::current_num_threads().max(1);
         let chunk = input.len().div_ceil(threads).max(4096);

@@ -5,10 +5,10 @@
 //! sentence-transformers pads decoders).
 use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
-
-use super::cpu::dense::Dense;
 use serde::Deserialize;
 use serde_json::Value;
+
+use super::cpu::dense::Dense;
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Qwen3Config {

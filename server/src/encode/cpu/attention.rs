@@ -49,13 +49,7 @@ impl CustomOp1 for Attention {
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let CpuStorage::F32(qkv) = storage else {
-            candle_core::bail!("fused attention: f32 activations only");
-        };
-        let Some((start, end)) = layout.contiguous_offsets() else {
-            candle_core::bail!("fused attention: contiguous input only");
-        };
-        let qkv = &qkv[start..end];
+        let qkv = super::contiguous_f32(storage, layout, "fused attention", "the input")?;
         let Attention { lens, heads, head_dim } = self;
         let (heads, head_dim) = (*heads, *head_dim);
         let hidden = heads * head_dim;

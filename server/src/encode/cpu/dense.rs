@@ -7,6 +7,10 @@ use candle_nn::Linear;
 
 use super::{Kernels, selected};
 
+fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
+    super::contiguous_f32(storage, layout, "dense layer", what)
+}
+
 pub struct Dense {
     weight: Tensor,
     /// The bias as plain values, for the CPU kernels (f32 weights on the CPU only).
@@ -35,8 +39,9 @@ impl Dense {
     }
 
     fn forward_inner(&self, x: &Tensor, residual: Option<&Tensor>) -> Result<Tensor> {
+        let kernels = selected();
         let cpu_f32 = x.device().is_cpu() && x.dtype() == DType::F32 && self.weight.dtype() == DType::F32;
-        if !cpu_f32 || matches!(selected(), Kernels::Candle) || (self.linear.bias().is_some() && self.bias_values.is_none()) {
+        if !cpu_f32 || matches!(kernels, Kernels::Candle) || (self.linear.bias().is_some() && self.bias_values.is_none()) {
             let out = self.linear.forward(x)?;
             return match residual {
                 Some(r) => out + r,
@@ -50,7 +55,7 @@ impl Dense {
         let m: usize = rows.iter().product();
         let n = self.weight.dim(0)?;
         let x2 = x.contiguous()?.reshape((m, k))?;
-        let op = DenseOp { bias: self.bias_values.as_deref() };
+        let op = DenseOp { bias: self.bias_values.as_deref(), kernels };
         let out = match residual {
             Some(r) => x2.apply_op3_no_bwd(&self.weight, &r.contiguous()?.reshape((m, n))?, &op)?,
             None => x2.apply_op2_no_bwd(&self.weight, &op)?,
@@ -63,16 +68,8 @@ impl Dense {
 
 struct DenseOp<'a> {
     bias: Option<&'a [f32]>,
-}
-
-fn contiguous<'a>(storage: &'a CpuStorage, layout: &Layout, what: &str) -> Result<&'a [f32]> {
-    let CpuStorage::F32(data) = storage else {
-        candle_core::bail!("dense layer: {what} is not f32");
-    };
-    match layout.contiguous_offsets() {
-        Some((start, end)) => Ok(&data[start..end]),
-        None => candle_core::bail!("dense layer: {what} is not contiguous"),
-    }
+    /// Those the layer chose under: one selection per forward call.
+    kernels: Kernels,
 }
 
 impl DenseOp<'_> {
@@ -104,7 +101,7 @@ impl DenseOp<'_> {
             (None, None) => out.resize(m * n, 0.0),
         }
         let accumulate = self.bias.is_some() || residual.is_some();
-        super::gemm_nt_rows(selected(), m, n, k, x, w, &mut out, accumulate);
+        super::gemm_nt_rows(self.kernels, m, n, k, x, w, &mut out, accumulate);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))
     }
 }

@@ -10,10 +10,11 @@
 //!
 //! `auto` takes `blas` when a library opens, passes its check and beats the gemm crate on a
 //! dense layer's product at start (an old library may not know a newer processor), else
-//! `fused`. Every choice
-//! computes in f32: results differ from candle's by rounding only (tested within 1e-4).
+//! `fused`. Every choice computes in f32: results differ from candle's by rounding only
+//! (tested within 1e-4).
 use std::sync::Mutex;
 
+use candle_core::{CpuStorage, Layout};
 use parking_lot::RwLock;
 use rayon::prelude::*;
 
@@ -84,8 +85,8 @@ fn resolve(spec: KernelsSpec, library: &str) -> Result<(Kernels, String), String
                 // dense layer's product: a library that does not know the processor (an old
                 // OpenBLAS on a newer core) falls back to slower kernels than the gemm crate's.
                 let (with_blas, with_gemm) = race(blas);
-                let why = format!(" (auto: {with_blas:.0} GFLOP/s against {with_gemm:.0} for the built-in kernels)");
-                if with_blas >= with_gemm { (Kernels::Blas(blas), why) } else { (Kernels::Fused, why.replace("auto:", "auto, BLAS library slower here:")) }
+                let (kernels, verdict) = if with_blas >= with_gemm { (Kernels::Blas(blas), "auto") } else { (Kernels::Fused, "auto, BLAS library slower here") };
+                (kernels, format!(" ({verdict}: {with_blas:.0} GFLOP/s against {with_gemm:.0} for the built-in kernels)"))
             }
             Err(e) => (Kernels::Fused, format!(" (auto: no BLAS library could be used: {e})")),
         },
@@ -144,6 +145,17 @@ pub fn processor() -> String {
         probe!("avx2", "fma", "avx512f", "avx512bw", "avx512vnni", "avx512bf16");
     }
     format!("{model} ({}), {} threads", if features.is_empty() { "no vector extensions probed".into() } else { features.join(" ") }, rayon::current_num_threads())
+}
+
+/// The contiguous f32 values of a custom op's input; `op` and `what` name them in the error.
+pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &str, what: &str) -> candle_core::Result<&'a [f32]> {
+    let CpuStorage::F32(data) = storage else {
+        candle_core::bail!("{op}: {what} is not f32");
+    };
+    match layout.contiguous_offsets() {
+        Some((start, end)) => Ok(&data[start..end]),
+        None => candle_core::bail!("{op}: {what} is not contiguous"),
+    }
 }
 
 /// Products this small run on one thread: splitting costs more than it saves.
