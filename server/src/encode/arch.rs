@@ -1,16 +1,16 @@
 //! Transformer bodies by `config.json` `model_type`: BERT and XLM-RoBERTa (our fused body,
-//! positions offset by the padding index for the latter), ModernBERT (candle-transformers'
-//! implementation, alternating global and sliding-window attention with two rotary bases)
-//! and Qwen3 (our decoder body). Any other `model_type` is refused by name, never loaded as
+//! positions offset by the padding index for the latter), ModernBERT (our body: global and
+//! sliding-window attention layers in any order, two rotary bases) and Qwen3 (our decoder
+//! body). Any other `model_type` is refused by name, never loaded as
 //! something else. A new family is one file plus one match arm here.
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config as BertConfig, HiddenAct, PositionEmbeddingType};
-use candle_transformers::models::modernbert::{Config as ModernBertConfig, ModernBert};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::body::BertBody;
+use super::modernbert::{ModernBertBody, ModernBertSpec};
 use super::qwen3::{Qwen3Body, Qwen3Config};
 
 pub const SUPPORTED: &str = "bert, xlm-roberta, modernbert, qwen3";
@@ -18,7 +18,7 @@ pub const SUPPORTED: &str = "bert, xlm-roberta, modernbert, qwen3";
 /// A loaded body: token ids in, hidden states (batch, len, hidden) out.
 pub enum Body {
     Bert(BertBody),
-    ModernBert(ModernBert),
+    ModernBert(ModernBertBody),
     Qwen3(Qwen3Body),
 }
 
@@ -180,7 +180,7 @@ fn eps5() -> f64 {
 }
 
 impl ModernBertFileConfig {
-    fn to_candle(&self) -> std::result::Result<ModernBertConfig, LoadFailure> {
+    fn to_spec(&self) -> std::result::Result<ModernBertSpec, LoadFailure> {
         let refuse = |key: &str, what: String| Err(LoadFailure::Config(format!("config.json {key}: {what}")));
         for (key, on) in [("attention_bias", self.attention_bias), ("mlp_bias", self.mlp_bias), ("norm_bias", self.norm_bias)] {
             if on {
@@ -190,16 +190,26 @@ impl ModernBertFileConfig {
         if self.hidden_activation != "gelu" {
             return refuse("hidden_activation", format!("{:?} is not supported (gelu)", self.hidden_activation));
         }
+        // transformers' default when layer_types is absent: layer i is global when
+        // i % global_attn_every_n_layers == 0.
         let every = self.global_attn_every_n_layers.max(1);
-        if let Some(types) = &self.layer_types {
-            // candle-transformers alternates by layer index: layer i is global when i % every == 0.
-            for (i, t) in types.iter().enumerate() {
-                let expected = if i % every == 0 { "full_attention" } else { "sliding_attention" };
-                if t != expected {
-                    return refuse("layer_types", format!("layer {i} is {t:?}; only every {every}th layer global is supported"));
+        let sliding: Vec<bool> = match &self.layer_types {
+            Some(types) => {
+                if types.len() != self.num_hidden_layers {
+                    return refuse("layer_types", format!("{} entries for {} layers", types.len(), self.num_hidden_layers));
                 }
+                let mut out = Vec::with_capacity(types.len());
+                for (i, t) in types.iter().enumerate() {
+                    out.push(match t.as_str() {
+                        "full_attention" => false,
+                        "sliding_attention" => true,
+                        other => return refuse("layer_types", format!("layer {i} is {other:?} (full_attention, sliding_attention)")),
+                    });
+                }
+                out
             }
-        }
+            None => (0..self.num_hidden_layers).map(|i| i % every != 0).collect(),
+        };
         let theta = |layer: &str, legacy: Option<f64>, default: f64| -> std::result::Result<f64, LoadFailure> {
             let params = self.rope_parameters.as_ref().and_then(|p| p.get(layer));
             if let Some(p) = params {
@@ -213,20 +223,18 @@ impl ModernBertFileConfig {
             }
             Ok(legacy.unwrap_or(default))
         };
-        Ok(ModernBertConfig {
+        Ok(ModernBertSpec {
             vocab_size: self.vocab_size,
             hidden_size: self.hidden_size,
-            num_hidden_layers: self.num_hidden_layers,
             num_attention_heads: self.num_attention_heads,
             intermediate_size: self.intermediate_size,
             max_position_embeddings: self.max_position_embeddings,
-            layer_norm_eps: self.norm_eps,
+            norm_eps: self.norm_eps,
             pad_token_id: self.pad_token_id.unwrap_or(0),
-            global_attn_every_n_layers: every,
+            sliding,
             global_rope_theta: theta("full_attention", self.global_rope_theta, 160_000.0)?,
-            local_attention: self.local_attention,
             local_rope_theta: theta("sliding_attention", self.local_rope_theta, 10_000.0)?,
-            classifier_config: None,
+            local_attention: self.local_attention,
         })
     }
 }
@@ -258,15 +266,9 @@ impl Body {
                     return Err(LoadFailure::Config("modernbert runs in f32 only; set the dtype to \"f32\"".into()));
                 }
                 let file: ModernBertFileConfig = parse(config)?;
-                let cfg = file.to_candle()?;
-                // candle-transformers reads ModernBertForMaskedLM names (`model.` prefix).
-                let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") {
-                    vb
-                } else {
-                    vb.rename_f(|name| name.strip_prefix("model.").unwrap_or(name).to_string())
-                };
-                let body = ModernBert::load(vb, &cfg)?;
-                let info = BodyInfo { hidden: cfg.hidden_size, max_positions: cfg.max_position_embeddings, pad_id: cfg.pad_token_id };
+                let spec = file.to_spec()?;
+                let body = ModernBertBody::load(vb, &spec)?;
+                let info = BodyInfo { hidden: spec.hidden_size, max_positions: spec.max_position_embeddings, pad_id: spec.pad_token_id };
                 Ok((Body::ModernBert(body), info))
             }
             "qwen3" => {

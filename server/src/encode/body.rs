@@ -176,7 +176,7 @@ impl BertBody {
 
 /// Each row's token count when every row of the (batch, len) mask is ones then zeros (right
 /// padding, as BERT tokenizers pad); `None` for any other shape.
-fn prefix_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
+pub(super) fn prefix_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
     let (_, l) = mask.dims2()?;
     let values = mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
     Ok(values

@@ -11,6 +11,7 @@ pub mod cpu;
 pub mod cross;
 pub mod device;
 pub mod embedder;
+pub mod modernbert;
 pub mod pooling;
 pub mod qwen3;
 pub mod st_format;

@@ -1,33 +1,126 @@
 //! Bidirectional multi-head attention over packed sequences (their tokens back to back, no
-//! padding), fused per (sequence, head) straight from the fused query/key/value projection:
-//! scores = q·kᵀ·scale, softmax, then · v written into the context at the head's columns. No
-//! copies to a head-major layout and back, no (batch, heads, len, len) tensor, and no work
-//! on padding at all.
+//! padding), fused per (sequence, head, block of query rows) straight from the fused
+//! query/key/value projection: scores = q·kᵀ·scale, softmax, then · v written into the context
+//! at the head's columns. No copies to a head-major layout and back, no (batch, heads, len,
+//! len) tensor, no work on padding, and scores for at most [`BLOCK_ROWS`] queries at a time
+//! per thread, however long the sequence.
+//!
+//! Options cover ModernBERT's layers: rotary position embeddings applied to queries and keys
+//! on the way in (positions counted from each sequence's start), and a sliding window (each
+//! token attends to those at most `window` positions away).
 use std::cell::RefCell;
 
-use candle_core::{CpuStorage, CustomOp1, Layout, Result, Shape, Tensor};
+use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
 use rayon::prelude::*;
 
 use super::{selected, simd};
+
+/// Query rows whose scores one unit of work holds at a time.
+pub const BLOCK_ROWS: usize = 256;
+
+/// Rotary position embeddings in the rotate-half layout (transformers' `rotate_half`, candle's
+/// `rope`): for position p and i < d/2, (x[i], x[i + d/2]) turns by p·θ^(-2i/d).
+pub struct Rotary {
+    cos: Vec<f32>,
+    sin: Vec<f32>,
+    half: usize,
+    positions: usize,
+}
+
+impl Rotary {
+    /// Tables for `positions` positions of heads of `head_dim` (even) with base `theta`,
+    /// computed as transformers does: inverse frequencies and angles in f32.
+    pub fn new(head_dim: usize, theta: f64, positions: usize) -> Self {
+        let half = head_dim / 2;
+        let inv_freq: Vec<f32> = (0..half).map(|i| 1f32 / theta.powf((2 * i) as f64 / head_dim as f64) as f32).collect();
+        let (mut cos, mut sin) = (Vec::with_capacity(positions * half), Vec::with_capacity(positions * half));
+        for p in 0..positions {
+            for &f in &inv_freq {
+                let angle = p as f32 * f;
+                cos.push(angle.cos());
+                sin.push(angle.sin());
+            }
+        }
+        Rotary { cos, sin, half, positions }
+    }
+
+    pub fn positions(&self) -> usize {
+        self.positions
+    }
+
+    /// (cos, sin), each (len, head_dim / 2), for candle's `rope` on the padded path.
+    pub fn tables(&self, len: usize, device: &Device) -> Result<(Tensor, Tensor)> {
+        if len > self.positions {
+            candle_core::bail!("rotary embedding: {len} positions, the model has {}", self.positions);
+        }
+        let n = len * self.half;
+        Ok((Tensor::from_slice(&self.cos[..n], (len, self.half), device)?, Tensor::from_slice(&self.sin[..n], (len, self.half), device)?))
+    }
+
+    /// `dst` = `src` (one head's vector) turned for `position`.
+    fn rotate(&self, position: usize, src: &[f32], dst: &mut [f32]) {
+        let h = self.half;
+        let (cos, sin) = (&self.cos[position * h..][..h], &self.sin[position * h..][..h]);
+        let (x1, x2) = src[..2 * h].split_at(h);
+        let (d1, d2) = dst[..2 * h].split_at_mut(h);
+        for i in 0..h {
+            d1[i] = x1[i] * cos[i] - x2[i] * sin[i];
+            d2[i] = x2[i] * cos[i] + x1[i] * sin[i];
+        }
+    }
+}
+
+/// What an attention layer adds to the plain form.
+#[derive(Clone, Copy)]
+pub struct Options<'a> {
+    /// Turn queries and keys by their position in the sequence first.
+    pub rotary: Option<&'a Rotary>,
+    /// Attend only to tokens at most this many positions away.
+    pub window: Option<usize>,
+    /// Query rows per unit of work ([`BLOCK_ROWS`]; smaller in tests).
+    pub block_rows: usize,
+}
+
+impl Default for Options<'_> {
+    fn default() -> Self {
+        Options { rotary: None, window: None, block_rows: BLOCK_ROWS }
+    }
+}
 
 /// Context (tokens, heads·head_dim) from `qkv` (tokens, 3·heads·head_dim), laid out as the
 /// projection gives it (queries, then keys, then values, each head-major within), for
 /// sequences of `lens` tokens stored one after the other.
 pub fn attention(qkv: &Tensor, lens: &[usize], heads: usize, head_dim: usize) -> Result<Tensor> {
-    qkv.contiguous()?.apply_op1_no_bwd(&Attention { lens: lens.to_vec(), heads, head_dim })
+    attention_with(qkv, lens, heads, head_dim, Options::default())
 }
 
-struct Attention {
+/// [`attention`] with rotary embeddings, a sliding window or a block size.
+pub fn attention_with(qkv: &Tensor, lens: &[usize], heads: usize, head_dim: usize, options: Options) -> Result<Tensor> {
+    if let Some(rotary) = options.rotary {
+        if rotary.half * 2 != head_dim {
+            candle_core::bail!("fused attention: rotary tables for heads of {}, heads of {head_dim}", rotary.half * 2);
+        }
+        if let Some(&longest) = lens.iter().max()
+            && longest > rotary.positions
+        {
+            candle_core::bail!("fused attention: a sequence of {longest} tokens, rotary tables for {}", rotary.positions);
+        }
+    }
+    qkv.contiguous()?.apply_op1_no_bwd(&Attention { lens: lens.to_vec(), heads, head_dim, options })
+}
+
+struct Attention<'a> {
     lens: Vec<usize>,
     heads: usize,
     head_dim: usize,
+    options: Options<'a>,
 }
 
 /// The context buffer, written by many threads at once, each at its own (rows, head columns).
 #[derive(Clone, Copy)]
 struct SharedOut(*mut f32);
-// SAFETY: every unit of work writes a disjoint set of elements (its sequence's rows, its
-// head's columns); nothing reads the buffer until all units are done.
+// SAFETY: every unit of work writes a disjoint set of elements (its block's rows, its head's
+// columns); nothing reads the buffer until all units are done.
 unsafe impl Send for SharedOut {}
 unsafe impl Sync for SharedOut {}
 
@@ -39,18 +132,35 @@ impl SharedOut {
     }
 }
 
-thread_local! {
-    static SCORES: RefCell<Vec<f32>> = const { RefCell::new(Vec::new()) };
+/// A thread's working space: scores, and turned queries and keys.
+#[derive(Default)]
+struct Scratch {
+    scores: Vec<f32>,
+    q: Vec<f32>,
+    k: Vec<f32>,
 }
 
-impl CustomOp1 for Attention {
+thread_local! {
+    static SCRATCH: RefCell<Scratch> = RefCell::new(Scratch::default());
+}
+
+/// Grows `buf` to at least `len` and returns its first `len` values (stale: the caller writes
+/// every one before reading it).
+fn room(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
+    if buf.len() < len {
+        buf.resize(len, 0.0);
+    }
+    &mut buf[..len]
+}
+
+impl CustomOp1 for Attention<'_> {
     fn name(&self) -> &'static str {
         "fused-attention"
     }
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = super::contiguous_f32(storage, layout, "fused attention", "the input")?;
-        let Attention { lens, heads, head_dim } = self;
+        let Attention { lens, heads, head_dim, options } = self;
         let (heads, head_dim) = (*heads, *head_dim);
         let hidden = heads * head_dim;
         let stride = 3 * hidden;
@@ -58,39 +168,74 @@ impl CustomOp1 for Attention {
         if qkv.len() != tokens * stride {
             candle_core::bail!("fused attention: qkv of {} values for {tokens} tokens x {heads} heads of {head_dim}", qkv.len());
         }
-        let offsets: Vec<usize> = lens.iter().scan(0, |at, &n| Some(std::mem::replace(at, *at + n))).collect();
+        let block = options.block_rows.max(1);
+        // Units of work: (sequence, head, first query row of the block).
+        let mut units = Vec::new();
+        let mut first = 0;
+        for &n in lens {
+            for head in 0..heads {
+                units.extend((0..n).step_by(block).map(|r0| (first, n, head, r0)));
+            }
+            first += n;
+        }
         let scale = 1.0 / (head_dim as f32).sqrt();
         // Filled below, every element by exactly one unit (its rows, its head's columns).
         let mut out: Vec<f32> = Vec::with_capacity(tokens * hidden);
         let shared = SharedOut(out.as_mut_ptr());
         let kernels = selected();
-        (0..lens.len() * heads).into_par_iter().for_each(|unit| {
-            let (seq, head) = (unit / heads, unit % heads);
-            let (first, n) = (offsets[seq], lens[seq]);
-            if n == 0 {
-                return;
-            }
-            let rows = &qkv[first * stride..(first + n) * stride];
-            let q = &rows[head * head_dim..];
-            let k = &rows[hidden + head * head_dim..];
-            let v = &rows[2 * hidden + head * head_dim..];
-            SCORES.with_borrow_mut(|scores| {
-                // Every value is written by the product before it is read: grow, never clear.
-                if scores.len() < n * n {
-                    scores.resize(n * n, 0.0);
+        units.into_par_iter().for_each(|(first, n, head, r0)| {
+            let r1 = (r0 + block).min(n);
+            let rows = r1 - r0;
+            // The keys any of these queries sees.
+            let (lo, hi) = match options.window {
+                Some(w) => (r0.saturating_sub(w), (r1 + w).min(n)),
+                None => (0, n),
+            };
+            let keys = hi - lo;
+            let seq = &qkv[first * stride..(first + n) * stride];
+            let (q_at, k_at, v_at) = (head * head_dim, hidden + head * head_dim, 2 * hidden + head * head_dim);
+            SCRATCH.with_borrow_mut(|scratch| {
+                let Scratch { scores, q, k } = scratch;
+                let scores = room(scores, rows * keys);
+                match options.rotary {
+                    Some(rotary) => {
+                        let (q, k) = (room(q, rows * head_dim), room(k, keys * head_dim));
+                        for (i, dst) in q.chunks_exact_mut(head_dim).enumerate() {
+                            rotary.rotate(r0 + i, &seq[(r0 + i) * stride + q_at..][..head_dim], dst);
+                        }
+                        for (j, dst) in k.chunks_exact_mut(head_dim).enumerate() {
+                            rotary.rotate(lo + j, &seq[(lo + j) * stride + k_at..][..head_dim], dst);
+                        }
+                        super::gemm_nt_single(kernels, rows, keys, head_dim, scale, q, head_dim, k, head_dim, scores, keys);
+                    }
+                    None => {
+                        let (q, k) = (&seq[r0 * stride + q_at..], &seq[lo * stride + k_at..]);
+                        super::gemm_nt_single(kernels, rows, keys, head_dim, scale, q, stride, k, stride, scores, keys);
+                    }
                 }
-                let scores = &mut scores[..n * n];
-                super::gemm_nt_single(kernels, n, n, head_dim, scale, q, stride, k, stride, scores, n);
-                simd::softmax_rows(scores, n);
-                // SAFETY: the (n, head_dim) block at this sequence's rows and this head's
+                match options.window {
+                    Some(w) => {
+                        for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+                            // Query r0 + i sees keys [r0 + i - w, r0 + i + w], here from lo.
+                            let t = r0 + i;
+                            let (from, to) = (t.saturating_sub(w) - lo, (t + w + 1).min(hi) - lo);
+                            simd::softmax_rows(&mut row[from..to], to - from);
+                            row[..from].fill(0.0);
+                            row[to..].fill(0.0);
+                        }
+                    }
+                    None => simd::softmax_rows(scores, keys),
+                }
+                // SAFETY: the (rows, head_dim) block at this block's rows and this head's
                 // columns lies inside the context buffer, and this unit alone writes it.
                 unsafe {
-                    let out = shared.at(first * hidden + head * head_dim);
-                    super::gemm_nn_single(kernels, n, head_dim, n, scores, n, v, stride, out, hidden);
+                    let out = shared.at((first + r0) * hidden + head * head_dim);
+                    super::gemm_nn_single(kernels, rows, head_dim, keys, scores, keys, &seq[lo * stride + v_at..], stride, out, hidden);
                 }
             });
         });
-        // SAFETY: the units above wrote every element: each sequence's rows at every head.
+        // SAFETY: the units above wrote every element: each sequence's rows, in blocks, at
+        // every head.
         unsafe { out.set_len(tokens * hidden) };
         Ok((CpuStorage::F32(out), Shape::from((tokens, hidden))))
     }

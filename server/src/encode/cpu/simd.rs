@@ -140,6 +140,16 @@ dispatch!(gelu_erf(input: &[f32], out: &mut [f32]) {
     }
 });
 
+dispatch!(geglu_rows(input: &[f32], out: &mut [f32], width: usize) {
+    // Each input row is the activation's input then its gate, `width` each.
+    for (src, dst) in input.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
+        let (x, gate) = src.split_at(width);
+        for ((o, &x), &g) in dst.iter_mut().zip(x).zip(gate) {
+            *o = 0.5 * x * (1.0 + erf_f32(x * std::f32::consts::FRAC_1_SQRT_2)) * g;
+        }
+    }
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,38 +126,119 @@ fn dense_layers_match_the_plain_product() {
     }
 }
 
-#[test]
-fn fused_attention_matches_the_formula_on_packed_sequences() {
-    // Sequences of 9, 5, 0 and 1 tokens, back to back.
-    let (lens, heads, d) = ([9usize, 5, 0, 1], 2, 4);
+/// Attention by the formula in f64: queries and keys turned by `theta` (rotate-half) when
+/// given, keys more than `window` away masked when given.
+fn attention_reference(qkv: &[f32], lens: &[usize], heads: usize, d: usize, theta: Option<f64>, window: Option<usize>) -> Vec<f32> {
     let hidden = heads * d;
     let tokens: usize = lens.iter().sum();
-    let qkv = values(tokens * 3 * hidden, 5);
     let mut want = vec![0f32; tokens * hidden];
+    let turn = |v: &[f32], p: usize| -> Vec<f64> {
+        let mut out: Vec<f64> = v.iter().map(|&x| x as f64).collect();
+        if let Some(theta) = theta {
+            let h = d / 2;
+            for i in 0..h {
+                let angle = p as f64 * theta.powf(-((2 * i) as f64) / d as f64);
+                let (x1, x2) = (v[i] as f64, v[i + h] as f64);
+                out[i] = x1 * angle.cos() - x2 * angle.sin();
+                out[i + h] = x2 * angle.cos() + x1 * angle.sin();
+            }
+        }
+        out
+    };
     let mut first = 0;
-    for &n in &lens {
+    for &n in lens {
         for h in 0..heads {
             let row = |u: usize, part: usize| &qkv[(first + u) * 3 * hidden + part * hidden + h * d..][..d];
             for t in 0..n {
-                let scores: Vec<f64> = (0..n)
-                    .map(|u| row(t, 0).iter().zip(row(u, 1)).map(|(a, b)| *a as f64 * *b as f64).sum::<f64>() / (d as f64).sqrt())
-                    .collect();
+                let q = turn(row(t, 0), t);
+                let seen: Vec<usize> = (0..n).filter(|&u| window.is_none_or(|w| t.abs_diff(u) <= w)).collect();
+                let scores: Vec<f64> = seen.iter().map(|&u| q.iter().zip(turn(row(u, 1), u)).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()).collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = scores.iter().map(|v| (v - max).exp()).sum();
                 for c in 0..d {
-                    let value: f64 = (0..n).map(|u| (scores[u] - max).exp() / sum * row(u, 2)[c] as f64).sum();
+                    let value: f64 = seen.iter().zip(&scores).map(|(&u, s)| (s - max).exp() / sum * row(u, 2)[c] as f64).sum();
                     want[(first + t) * hidden + h * d + c] = value as f32;
                 }
             }
         }
         first += n;
     }
+    want
+}
+
+#[test]
+fn fused_attention_matches_the_formula_on_packed_sequences() {
+    // Sequences of 9, 5, 0 and 1 tokens, back to back.
+    let (lens, heads, d) = ([9usize, 5, 0, 1], 2, 4);
+    let tokens: usize = lens.iter().sum();
+    let qkv = values(tokens * 3 * heads * d, 5);
+    let want = attention_reference(&qkv, &lens, heads, d, None, None);
     for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
         select(choice, "").unwrap();
-        let qkv_t = Tensor::from_slice(&qkv, (tokens, 3 * hidden), &Device::Cpu).unwrap();
+        let qkv_t = Tensor::from_slice(&qkv, (tokens, 3 * heads * d), &Device::Cpu).unwrap();
         let got = attention::attention(&qkv_t, &lens, heads, d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let diff = max_abs_diff(&got, &want);
         assert!(diff < 1e-5, "{choice:?}: max |difference| {diff}");
+    }
+}
+
+#[test]
+fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
+    // ModernBERT's layers: rotary embeddings, with and without a window of +-3, in blocks of
+    // 4 query rows (sequences longer than a block, one shorter, one of a single token).
+    let (lens, heads, d) = ([13usize, 5, 0, 1, 9], 2, 8);
+    let tokens: usize = lens.iter().sum();
+    let qkv = values(tokens * 3 * heads * d, 7);
+    let rotary = attention::Rotary::new(d, 10_000.0, 16);
+    for window in [None, Some(3)] {
+        let want = attention_reference(&qkv, &lens, heads, d, Some(10_000.0), window);
+        for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
+            select(choice, "").unwrap();
+            for block_rows in [4, attention::BLOCK_ROWS] {
+                let options = attention::Options { rotary: Some(&rotary), window, block_rows };
+                let qkv_t = Tensor::from_slice(&qkv, (tokens, 3 * heads * d), &Device::Cpu).unwrap();
+                let got = attention::attention_with(&qkv_t, &lens, heads, d, options).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
+                let diff = max_abs_diff(&got, &want);
+                assert!(diff < 1e-5, "{choice:?}, window {window:?}, blocks of {block_rows}: max |difference| {diff}");
+            }
+        }
+    }
+    // Sequences longer than the tables are refused, not read past them.
+    let qkv_t = Tensor::from_slice(&qkv[..17 * 3 * heads * d], (17, 3 * heads * d), &Device::Cpu).unwrap();
+    let options = attention::Options { rotary: Some(&rotary), ..attention::Options::default() };
+    let err = attention::attention_with(&qkv_t, &[17], heads, d, options).unwrap_err().to_string();
+    assert!(err.contains("17 tokens"), "{err}");
+}
+
+/// ModernBERT (the committed fixture: global, sliding (+-4), global layers): right padding
+/// runs packed, any other mask padded; both give the padded body's hidden states on candle's
+/// operations at every unmasked position, for sequences longer than the window.
+#[test]
+fn the_modernbert_body_matches_candle_with_any_mask() {
+    use crate::encode::arch::Body;
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/modernbert-mean-normalize");
+    let config = std::fs::read(dir.join("config.json")).unwrap();
+    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
+    let vb = candle_nn::VarBuilder::from_buffered_safetensors(weights, candle_core::DType::F32, &Device::Cpu).unwrap();
+    let Ok((body, _)) = Body::load("modernbert", &config, vb) else { panic!("the modernbert fixture does not load") };
+    let l = 20;
+    let ids: Vec<u32> = (0..3 * l).map(|i| (i as u32 * 37 + 11) % 290 + 5).collect();
+    let ids = Tensor::from_vec(ids, (3, l), &Device::Cpu).unwrap();
+    let types = ids.zeros_like().unwrap();
+    let lengths = [17usize, 20, 6];
+    let prefix: Vec<u32> = lengths.iter().flat_map(|&n| (0..l).map(move |t| (t < n) as u32)).collect();
+    let gaps: Vec<u32> = (0..3 * l).map(|i| u32::from(!(i % l == 2 || i >= 2 * l + 15 || i < 2 * l && i >= l + 18))).collect();
+    for mask in [prefix, gaps] {
+        let mask = Tensor::from_vec(mask, (3, l), &Device::Cpu).unwrap();
+        select(KernelsSpec::Candle, "").unwrap();
+        let keep = mask.to_dtype(candle_core::DType::F32).unwrap().unsqueeze(2).unwrap();
+        let want = body.forward(&ids, &types, &mask).unwrap().broadcast_mul(&keep).unwrap();
+        for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
+            select(choice, "").unwrap();
+            let got = body.forward(&ids, &types, &mask).unwrap().broadcast_mul(&keep).unwrap();
+            let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
+            assert!(diff < 1e-4, "{choice:?}: max |difference| {diff} at unmasked positions");
+        }
     }
 }
 

@@ -1,0 +1,215 @@
+//! The ModernBERT encoder body (transformers' `ModernBertModel`): token embeddings and a norm,
+//! then pre-norm layers whose attention turns queries and keys by rotary embeddings (one base
+//! for global layers, another for sliding-window ones) and whose MLP is a GeGLU, then a final
+//! norm; no biases anywhere. On the CPU kernels of [`super::cpu`] only the batch's real tokens
+//! go through the layers (right padding is cut out, attention runs per sequence with the
+//! rotation and the window fused in); elsewhere the padded batch runs on candle's operations.
+//! Both agree with each other (tests) and with transformers (the library-reference tests).
+use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_nn::{Embedding, LayerNorm, VarBuilder};
+use rayon::prelude::*;
+
+use super::body::prefix_lengths;
+use super::cpu::attention::{self, Options, Rotary};
+use super::cpu::{self, Kernels, dense::Dense};
+
+/// The architecture's settings, as read from `config.json` (transformers 4.x or 5.x keys).
+#[derive(Debug, Clone)]
+pub struct ModernBertSpec {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub norm_eps: f64,
+    pub pad_token_id: u32,
+    /// Per layer: true for sliding-window attention, false for global.
+    pub sliding: Vec<bool>,
+    pub global_rope_theta: f64,
+    pub local_rope_theta: f64,
+    /// The window's full width: a token sees those at most `local_attention / 2` away.
+    pub local_attention: usize,
+}
+
+struct Layer {
+    attn_norm: Option<LayerNorm>,
+    qkv: Dense,
+    attn_out: Dense,
+    mlp_norm: LayerNorm,
+    mlp_in: Dense,
+    mlp_out: Dense,
+    sliding: bool,
+}
+
+pub struct ModernBertBody {
+    embeddings: Embedding,
+    embeddings_norm: LayerNorm,
+    layers: Vec<Layer>,
+    final_norm: LayerNorm,
+    global_rotary: Rotary,
+    local_rotary: Rotary,
+    heads: usize,
+    head_dim: usize,
+    hidden: usize,
+    intermediate: usize,
+    /// Positions a sliding layer's token sees on each side.
+    window: usize,
+    device: Device,
+}
+
+impl ModernBertBody {
+    /// Weights from a `ModernBertModel` checkpoint, or a task model's (`model.` prefix).
+    pub fn load(vb: VarBuilder, spec: &ModernBertSpec) -> Result<Self> {
+        let vb = if vb.contains_tensor("model.embeddings.tok_embeddings.weight") { vb.pp("model") } else { vb };
+        let (h, inter) = (spec.hidden_size, spec.intermediate_size);
+        if spec.num_attention_heads == 0 || !h.is_multiple_of(spec.num_attention_heads) {
+            candle_core::bail!("hidden_size {h} is not a multiple of num_attention_heads {}", spec.num_attention_heads);
+        }
+        let head_dim = h / spec.num_attention_heads;
+        if !head_dim.is_multiple_of(2) {
+            candle_core::bail!("rotary embeddings need an even head size, not {head_dim}");
+        }
+        let norm = |vb: VarBuilder| -> Result<LayerNorm> { Ok(LayerNorm::new_no_bias(vb.get(h, "weight")?, spec.norm_eps)) };
+        let dense = |vb: VarBuilder, input: usize, output: usize| Dense::new(vb.get((output, input), "weight")?, None);
+        let mut layers = Vec::with_capacity(spec.sliding.len());
+        for (i, &sliding) in spec.sliding.iter().enumerate() {
+            let l = vb.pp(format!("layers.{i}"));
+            // The first layer has no attention norm (the embeddings' norm stands in for it).
+            let attn_norm = if l.contains_tensor("attn_norm.weight") { Some(norm(l.pp("attn_norm"))?) } else { None };
+            layers.push(Layer {
+                attn_norm,
+                qkv: dense(l.pp("attn.Wqkv"), h, 3 * h)?,
+                attn_out: dense(l.pp("attn.Wo"), h, h)?,
+                mlp_norm: norm(l.pp("mlp_norm"))?,
+                mlp_in: dense(l.pp("mlp.Wi"), h, 2 * inter)?,
+                mlp_out: dense(l.pp("mlp.Wo"), inter, h)?,
+                sliding,
+            });
+        }
+        let positions = spec.max_position_embeddings;
+        Ok(Self {
+            embeddings: Embedding::new(vb.get((spec.vocab_size, h), "embeddings.tok_embeddings.weight")?, h),
+            embeddings_norm: norm(vb.pp("embeddings.norm"))?,
+            layers,
+            final_norm: norm(vb.pp("final_norm"))?,
+            global_rotary: Rotary::new(head_dim, spec.global_rope_theta, positions),
+            local_rotary: Rotary::new(head_dim, spec.local_rope_theta, positions),
+            heads: spec.num_attention_heads,
+            head_dim,
+            hidden: h,
+            intermediate: inter,
+            window: spec.local_attention / 2,
+            device: vb.device().clone(),
+        })
+    }
+
+    /// Hidden states (batch, len, hidden) for token ids and an attention mask (1 for tokens,
+    /// 0 for padding), each (batch, len) u32.
+    pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
+        let (b, l) = ids.dims2()?;
+        if l > self.global_rotary.positions() {
+            candle_core::bail!("{l} tokens, the model has {} positions", self.global_rotary.positions());
+        }
+        let x = self.embeddings_norm.forward(&self.embeddings.forward(ids)?)?.reshape((b * l, self.hidden))?;
+        if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && !matches!(cpu::selected(), Kernels::Candle)
+            && let Some(lens) = prefix_lengths(mask)?
+        {
+            return self.forward_packed(x, &lens, b, l);
+        }
+        self.forward_padded(x, mask, b, l)
+    }
+
+    fn rotary(&self, layer: &Layer) -> &Rotary {
+        if layer.sliding { &self.local_rotary } else { &self.global_rotary }
+    }
+
+    /// The MLP and both residual additions around the attention's context.
+    fn finish_layer(&self, layer: &Layer, ctx: &Tensor, x: &Tensor) -> Result<Tensor> {
+        let x = layer.attn_out.forward_residual(ctx, x)?;
+        let inner = geglu(&layer.mlp_in.forward(&layer.mlp_norm.forward(&x)?)?, self.intermediate)?;
+        layer.mlp_out.forward_residual(&inner, &x)
+    }
+
+    /// The layers over the batch's real tokens only, packed back to back, then scattered back
+    /// to (batch, len, hidden) with zeros at the padding, which no pooling reads.
+    fn forward_packed(&self, x: Tensor, lens: &[usize], b: usize, l: usize) -> Result<Tensor> {
+        let rows: Vec<u32> = lens.iter().enumerate().flat_map(|(i, &n)| (0..n).map(move |t| (i * l + t) as u32)).collect();
+        let rows = Tensor::from_vec(rows, lens.iter().sum::<usize>(), &self.device)?;
+        let mut x = x.index_select(&rows, 0)?;
+        for layer in &self.layers {
+            let normed = match &layer.attn_norm {
+                Some(norm) => norm.forward(&x)?,
+                None => x.clone(),
+            };
+            let options = Options { rotary: Some(self.rotary(layer)), window: layer.sliding.then_some(self.window), ..Options::default() };
+            let ctx = attention::attention_with(&layer.qkv.forward(&normed)?, lens, self.heads, self.head_dim, options)?;
+            x = self.finish_layer(layer, &ctx, &x)?;
+        }
+        let x = self.final_norm.forward(&x)?;
+        Tensor::zeros((b * l, self.hidden), x.dtype(), &self.device)?.index_add(&rows, &x, 0)?.reshape((b, l, self.hidden))
+    }
+
+    /// The padded batch on candle's operations: padding and the window as additive biases.
+    fn forward_padded(&self, mut x: Tensor, mask: &Tensor, b: usize, l: usize) -> Result<Tensor> {
+        const FAR: f32 = -1e9;
+        let padding = ((mask.to_dtype(DType::F32)? - 1.0)? * -(FAR as f64))?.reshape((b, 1, 1, l))?;
+        let w = self.window;
+        let outside: Vec<f32> = (0..l * l).map(|at| if (at / l).abs_diff(at % l) > w { FAR } else { 0.0 }).collect();
+        let windowed = padding.broadcast_add(&Tensor::from_vec(outside, (l, l), &self.device)?)?;
+        let scale = 1.0 / (self.head_dim as f64).sqrt();
+        for layer in &self.layers {
+            let normed = match &layer.attn_norm {
+                Some(norm) => norm.forward(&x)?,
+                None => x.clone(),
+            };
+            let qkv = layer.qkv.forward(&normed)?.reshape((b, l, 3, self.heads, self.head_dim))?;
+            let qkv = qkv.permute((2, 0, 3, 1, 4))?.contiguous()?; // (3, b, heads, l, d)
+            let (cos, sin) = self.rotary(layer).tables(l, &self.device)?;
+            let q = candle_nn::rotary_emb::rope(&qkv.get(0)?, &cos, &sin)?;
+            let k = candle_nn::rotary_emb::rope(&qkv.get(1)?, &cos, &sin)?;
+            let bias = if layer.sliding { &windowed } else { &padding };
+            let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
+            let probs = candle_nn::ops::softmax_last_dim(&scores)?;
+            let ctx = probs.matmul(&qkv.get(2)?)?.transpose(1, 2)?.contiguous()?.reshape((b * l, self.hidden))?;
+            x = self.finish_layer(layer, &ctx, &x)?;
+        }
+        self.final_norm.forward(&x)?.reshape((b, l, self.hidden))
+    }
+}
+
+/// GeGLU: GELU (the erf form) of each row's first `width` values times its last `width`.
+fn geglu(x: &Tensor, width: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&GeGlu { width });
+    }
+    x.narrow(candle_core::D::Minus1, 0, width)?.gelu_erf()? * x.narrow(candle_core::D::Minus1, width, width)?
+}
+
+struct GeGlu {
+    width: usize,
+}
+
+impl CustomOp1 for GeGlu {
+    fn name(&self) -> &'static str {
+        "geglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let input = cpu::contiguous_f32(storage, layout, "geglu", "the input")?;
+        let w = self.width;
+        let dims = layout.shape().dims();
+        if dims.last() != Some(&(2 * w)) {
+            candle_core::bail!("geglu: rows of {:?} values, expected {}", dims.last(), 2 * w);
+        }
+        let rows = input.len() / (2 * w);
+        let mut out = vec![0f32; rows * w];
+        let threads = rayon::current_num_threads().max(1);
+        let per_chunk = rows.div_ceil(threads).max(4096usize.div_ceil(w));
+        input.par_chunks(per_chunk * 2 * w).zip(out.par_chunks_mut(per_chunk * w)).for_each(|(src, dst)| cpu::simd::geglu_rows(src, dst, w));
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = w;
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
+}
