@@ -97,6 +97,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--server", type=Path, help="hardneg-server binary (default: target/release, else target/debug)")
     p.add_argument("--cli", type=Path, help="hardneg CLI binary (default: the one beside --server)")
     p.add_argument("--model", type=Path, default=ROOT / "models" / "all-MiniLM-L6-v2", help="HF-style model directory")
+    p.add_argument("--cross-encoder-body", type=Path, help="BERT-family model directory under the cross-encoder's seeded head (default: --model)")
     p.add_argument("--max-seq-length", type=int, default=256, help="truncation length on both sides")
     p.add_argument("--batch-size", type=int, default=32, help="texts per encoder batch on both sides")
     p.add_argument("--json", type=Path, default=ROOT / "bench" / "results" / "compare_st.json", help="where to write the numbers")
@@ -663,7 +664,7 @@ def main() -> None:
     datasets = args.datasets or [DATASETS / "cranfield"]
     cross_dir = tempfile.TemporaryDirectory(prefix="hardneg-cross-encoder-")
     args.cross_encoder = Path(cross_dir.name)
-    make_cross_encoder(args.model, args.cross_encoder)
+    make_cross_encoder((args.cross_encoder_body or args.model).resolve(), args.cross_encoder)
     results = {}
     for folder in datasets:
         col = load_collection(folder.resolve())

@@ -291,3 +291,35 @@ impl Body {
         }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn spec(extra: &str) -> std::result::Result<ModernBertSpec, String> {
+        let json = format!(r#"{{"vocab_size": 10, "hidden_size": 8, "num_hidden_layers": 4, "num_attention_heads": 2, "intermediate_size": 12{extra}}}"#);
+        let file: ModernBertFileConfig = serde_json::from_str(&json).unwrap();
+        file.to_spec().map_err(|e| match e {
+            LoadFailure::Config(reason) => reason,
+            LoadFailure::Weights(e) => e.to_string(),
+        })
+    }
+
+    #[test]
+    fn modernbert_layers_follow_layer_types_in_any_order() {
+        // Without layer_types: every global_attn_every_n_layers-th layer is global, from 0.
+        assert_eq!(spec("").unwrap().sliding, [false, true, true, false]);
+        assert_eq!(spec(r#", "global_attn_every_n_layers": 2"#).unwrap().sliding, [false, true, false, true]);
+        let types = r#", "layer_types": ["sliding_attention", "full_attention", "full_attention", "sliding_attention"]"#;
+        assert_eq!(spec(types).unwrap().sliding, [true, false, false, true]);
+        let short = spec(r#", "layer_types": ["full_attention"]"#).unwrap_err();
+        assert!(short.contains("layer_types") && short.contains("1 entries for 4 layers"), "{short}");
+        let unknown = spec(r#", "layer_types": ["full_attention", "chunked_attention", "full_attention", "full_attention"]"#).unwrap_err();
+        assert!(unknown.contains("layer_types") && unknown.contains("layer 1 is \"chunked_attention\""), "{unknown}");
+        // Rotary bases: 5.x rope_parameters, else the 4.x keys, else the defaults.
+        let v5 = spec(r#", "rope_parameters": {"full_attention": {"rope_type": "default", "rope_theta": 80000.0}, "sliding_attention": {"rope_theta": 5000.0}}"#).unwrap();
+        assert_eq!((v5.global_rope_theta, v5.local_rope_theta), (80000.0, 5000.0));
+        let v4 = spec(r#", "global_rope_theta": 90000.0"#).unwrap();
+        assert_eq!((v4.global_rope_theta, v4.local_rope_theta), (90000.0, 10000.0));
+    }
+}
