@@ -7,7 +7,6 @@
 //! Both agree with each other (tests) and with transformers (the library-reference tests).
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
-use rayon::prelude::*;
 
 use super::body::prefix_lengths;
 use super::cpu::attention::{self, Options, Rotary};
@@ -198,18 +197,6 @@ impl CustomOp1 for GeGlu {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = cpu::contiguous_f32(storage, layout, "geglu", "the input")?;
-        let w = self.width;
-        let dims = layout.shape().dims();
-        if dims.last() != Some(&(2 * w)) {
-            candle_core::bail!("geglu: rows of {:?} values, expected {}", dims.last(), 2 * w);
-        }
-        let rows = input.len() / (2 * w);
-        let mut out = vec![0f32; rows * w];
-        let threads = rayon::current_num_threads().max(1);
-        let per_chunk = rows.div_ceil(threads).max(4096usize.div_ceil(w));
-        input.par_chunks(per_chunk * 2 * w).zip(out.par_chunks_mut(per_chunk * w)).for_each(|(src, dst)| cpu::simd::geglu_rows(src, dst, w));
-        let mut out_dims = dims.to_vec();
-        *out_dims.last_mut().expect("checked above") = w;
-        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+        cpu::gated(input, self.width, layout.shape().dims(), "geglu", cpu::simd::geglu_rows)
     }
 }

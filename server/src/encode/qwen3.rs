@@ -2,13 +2,18 @@
 //! cache, a causal mask, batches padded on the right. With causal attention a right-padded
 //! row's real tokens never see its padding, and rotary positions only enter through their
 //! differences, so each text's states equal those of the text alone (or left-padded, as
-//! sentence-transformers pads decoders).
-use candle_core::{D, DType, Device, Module, Result, Tensor};
+//! sentence-transformers pads decoders). On the CPU kernels of [`super::cpu`] only the
+//! batch's real tokens go through the layers, with attention fused per sequence (head norms,
+//! rotation, causal mask and grouped key/value heads inside); elsewhere the padded batch runs
+//! on candle's operations. Both agree (tests) and match transformers (library tests).
+use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::cpu::dense::Dense;
+use super::body::prefix_lengths;
+use super::cpu::attention::{self, HeadNorm, Options, Rotary};
+use super::cpu::{self, Kernels, dense::Dense};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Qwen3Config {
@@ -78,16 +83,18 @@ impl Qwen3Config {
 }
 
 struct Layer {
-    q: Dense,
-    k: Dense,
-    v: Dense,
+    /// Queries, keys and values in one product: (heads + 2 kv_heads) · head_dim outputs.
+    qkv: Dense,
     o: Dense,
     q_norm: RmsNorm,
     k_norm: RmsNorm,
+    /// The head norms' weights as plain values, for the fused attention.
+    q_norm_values: Vec<f32>,
+    k_norm_values: Vec<f32>,
     input_norm: RmsNorm,
     post_norm: RmsNorm,
-    gate: Dense,
-    up: Dense,
+    /// Gate and up projections in one product: 2 · intermediate outputs.
+    gate_up: Dense,
     down: Dense,
 }
 
@@ -99,13 +106,17 @@ pub struct Qwen3Body {
     kv_heads: usize,
     head_dim: usize,
     hidden: usize,
-    inv_freq: Vec<f32>,
+    intermediate: usize,
+    eps: f64,
+    rotary: Rotary,
     device: Device,
 }
 
-fn linear(vb: VarBuilder, input: usize, output: usize, bias: bool) -> Result<Dense> {
-    let b = if bias { Some(vb.get(output, "bias")?) } else { None };
-    Dense::new(vb.get((output, input), "weight")?, b)
+/// One dense layer from several of the checkpoint's, their outputs side by side.
+fn fused(parts: &[(VarBuilder, usize)], input: usize, bias: bool) -> Result<Dense> {
+    let weights = parts.iter().map(|(vb, output)| vb.get((*output, input), "weight")).collect::<Result<Vec<_>>>()?;
+    let bias = if bias { Some(Tensor::cat(&parts.iter().map(|(vb, output)| vb.get(*output, "bias")).collect::<Result<Vec<_>>>()?, 0)?) } else { None };
+    Dense::new(Tensor::cat(&weights, 0)?, bias)
 }
 
 fn rms(vb: VarBuilder, size: usize, eps: f64) -> Result<RmsNorm> {
@@ -125,25 +136,29 @@ impl Qwen3Body {
         }
         let eps = cfg.rms_norm_eps;
         let mut layers = Vec::with_capacity(cfg.num_hidden_layers);
+        if !hd.is_multiple_of(2) {
+            candle_core::bail!("rotary embeddings need an even head_dim, not {hd}");
+        }
+        let inter = cfg.intermediate_size;
+        let values = |t: &Tensor| -> Result<Vec<f32>> { t.to_dtype(DType::F32)?.to_vec1::<f32>() };
         for i in 0..cfg.num_hidden_layers {
             let l = vb.pp(format!("layers.{i}"));
             let a = l.pp("self_attn");
             let m = l.pp("mlp");
+            let (q_norm, k_norm) = (a.pp("q_norm").get(hd, "weight")?, a.pp("k_norm").get(hd, "weight")?);
             layers.push(Layer {
-                q: linear(a.pp("q_proj"), h, heads * hd, cfg.attention_bias)?,
-                k: linear(a.pp("k_proj"), h, kv_heads * hd, cfg.attention_bias)?,
-                v: linear(a.pp("v_proj"), h, kv_heads * hd, cfg.attention_bias)?,
-                o: linear(a.pp("o_proj"), heads * hd, h, false)?,
-                q_norm: rms(a.pp("q_norm"), hd, eps)?,
-                k_norm: rms(a.pp("k_norm"), hd, eps)?,
+                qkv: fused(&[(a.pp("q_proj"), heads * hd), (a.pp("k_proj"), kv_heads * hd), (a.pp("v_proj"), kv_heads * hd)], h, cfg.attention_bias)?,
+                o: fused(&[(a.pp("o_proj"), h)], heads * hd, false)?,
+                q_norm_values: values(&q_norm)?,
+                k_norm_values: values(&k_norm)?,
+                q_norm: RmsNorm::new(q_norm, eps),
+                k_norm: RmsNorm::new(k_norm, eps),
                 input_norm: rms(l.pp("input_layernorm"), h, eps)?,
                 post_norm: rms(l.pp("post_attention_layernorm"), h, eps)?,
-                gate: linear(m.pp("gate_proj"), h, cfg.intermediate_size, false)?,
-                up: linear(m.pp("up_proj"), h, cfg.intermediate_size, false)?,
-                down: linear(m.pp("down_proj"), cfg.intermediate_size, h, false)?,
+                gate_up: fused(&[(m.pp("gate_proj"), inter), (m.pp("up_proj"), inter)], h, false)?,
+                down: fused(&[(m.pp("down_proj"), h)], inter, false)?,
             });
         }
-        let inv_freq = (0..hd).step_by(2).map(|i| (1.0 / theta.powf(i as f64 / hd as f64)) as f32).collect();
         Ok(Self {
             embed: Embedding::new(vb.get((cfg.vocab_size, h), "embed_tokens.weight")?, h),
             layers,
@@ -152,25 +167,62 @@ impl Qwen3Body {
             kv_heads,
             head_dim: hd,
             hidden: h,
-            inv_freq,
+            intermediate: inter,
+            eps,
+            rotary: Rotary::new(hd, theta, cfg.max_position_embeddings),
             device: vb.device().clone(),
         })
-    }
-
-    fn rotary(&self, len: usize, dtype: DType) -> Result<(Tensor, Tensor)> {
-        let half = self.inv_freq.len();
-        let freqs: Vec<f32> =
-            (0..len).flat_map(|p| self.inv_freq.iter().map(move |f| p as f32 * f)).collect();
-        let freqs = Tensor::from_vec(freqs, (len, half), &self.device)?;
-        Ok((freqs.cos()?.to_dtype(dtype)?, freqs.sin()?.to_dtype(dtype)?))
     }
 
     /// Hidden states (batch, len, hidden) after the final norm, for right-padded ids.
     pub fn forward(&self, ids: &Tensor, mask: &Tensor) -> Result<Tensor> {
         let (b, l) = ids.dims2()?;
-        let mut x = self.embed.forward(ids)?;
+        if l > self.rotary.positions() {
+            candle_core::bail!("{l} tokens, the model has {} positions", self.rotary.positions());
+        }
+        let x = self.embed.forward(ids)?;
+        if x.device().is_cpu()
+            && x.dtype() == DType::F32
+            && !matches!(cpu::selected(), Kernels::Candle)
+            && let Some(lens) = prefix_lengths(mask)?
+        {
+            return self.forward_packed(x.reshape((b * l, self.hidden))?, &lens, b, l);
+        }
+        self.forward_padded(x, mask, b, l)
+    }
+
+    /// The MLP (SwiGLU) and its residual.
+    fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        let inner = swiglu(&layer.gate_up.forward(&layer.post_norm.forward(x)?)?, self.intermediate)?;
+        layer.down.forward_residual(&inner, x)
+    }
+
+    /// The layers over the batch's real tokens only, packed back to back, then scattered back
+    /// to (batch, len, hidden) with zeros at the padding, which no pooling reads.
+    fn forward_packed(&self, x: Tensor, lens: &[usize], b: usize, l: usize) -> Result<Tensor> {
+        let rows: Vec<u32> = lens.iter().enumerate().flat_map(|(i, &n)| (0..n).map(move |t| (i * l + t) as u32)).collect();
+        let rows = Tensor::from_vec(rows, lens.iter().sum::<usize>(), &self.device)?;
+        let mut x = x.index_select(&rows, 0)?;
+        for layer in &self.layers {
+            let options = Options {
+                rotary: Some(&self.rotary),
+                head_norm: Some(HeadNorm { query: &layer.q_norm_values, key: &layer.k_norm_values, eps: self.eps as f32 }),
+                causal: true,
+                kv_heads: Some(self.kv_heads),
+                ..Options::default()
+            };
+            let qkv = layer.qkv.forward(&layer.input_norm.forward(&x)?)?;
+            let ctx = attention::attention_with(&qkv, lens, self.heads, self.head_dim, options)?;
+            x = self.mlp(layer, &layer.o.forward_residual(&ctx, &x)?)?;
+        }
+        let x = self.norm.forward(&x)?;
+        Tensor::zeros((b * l, self.hidden), x.dtype(), &self.device)?.index_add(&rows, &x, 0)?.reshape((b, l, self.hidden))
+    }
+
+    fn forward_padded(&self, mut x: Tensor, mask: &Tensor, b: usize, l: usize) -> Result<Tensor> {
         let dtype = x.dtype();
-        let (cos, sin) = self.rotary(l, dtype)?;
+        let (cos, sin) = self.rotary.tables(l, &self.device)?;
+        let (cos, sin) = (cos.to_dtype(dtype)?, sin.to_dtype(dtype)?);
         // Causal and key-padding bias, (b, 1, l, l).
         let keys = mask.to_dtype(DType::F32)?.reshape((b, 1, 1, l))?;
         let causal: Vec<f32> = (0..l).flat_map(|i| (0..l).map(move |j| if j <= i { 0.0 } else { 1.0 })).collect();
@@ -180,16 +232,17 @@ impl Qwen3Body {
         let bias = (blocked * -big)?.to_dtype(dtype)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let groups = self.heads / self.kv_heads;
+        let (qw, kvw) = (self.heads * self.head_dim, self.kv_heads * self.head_dim);
         for layer in &self.layers {
             let residual = x.clone();
-            let hs = layer.input_norm.forward(&x)?;
-            let heads = |lin: &Dense, norm: &RmsNorm, n: usize| -> Result<Tensor> {
-                let t = lin.forward(&hs)?.reshape((b, l, n, self.head_dim))?;
+            let qkv = layer.qkv.forward(&layer.input_norm.forward(&x)?)?;
+            let heads = |at: usize, width: usize, n: usize, norm: &RmsNorm| -> Result<Tensor> {
+                let t = qkv.narrow(D::Minus1, at, width)?.contiguous()?.reshape((b, l, n, self.head_dim))?;
                 norm.forward(&t)?.transpose(1, 2)?.contiguous()
             };
-            let q = heads(&layer.q, &layer.q_norm, self.heads)?;
-            let k = heads(&layer.k, &layer.k_norm, self.kv_heads)?;
-            let v = layer.v.forward(&hs)?.reshape((b, l, self.kv_heads, self.head_dim))?.transpose(1, 2)?;
+            let q = heads(0, qw, self.heads, &layer.q_norm)?;
+            let k = heads(qw, kvw, self.kv_heads, &layer.k_norm)?;
+            let v = qkv.narrow(D::Minus1, qw + kvw, kvw)?.reshape((b, l, self.kv_heads, self.head_dim))?.transpose(1, 2)?;
             let q = candle_nn::rotary_emb::rope(&q, &cos, &sin)?;
             let k = candle_nn::rotary_emb::rope(&k, &cos, &sin)?;
             let (k, v) = if groups > 1 {
@@ -204,14 +257,33 @@ impl Qwen3Body {
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(&bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
             let ctx = probs.matmul(&v)?.transpose(1, 2)?.reshape((b, l, self.heads * self.head_dim))?;
-            x = layer.o.forward_residual(&ctx, &residual)?;
-            let residual = x.clone();
-            let hs = layer.post_norm.forward(&x)?;
-            let act = candle_nn::ops::silu(&layer.gate.forward(&hs)?)?;
-            x = layer.down.forward_residual(&(act * layer.up.forward(&hs)?)?, &residual)?;
+            x = self.mlp(layer, &layer.o.forward_residual(&ctx, &residual)?)?;
         }
         let out = self.norm.forward(&x)?;
         debug_assert_eq!(out.dim(D::Minus1)?, self.hidden);
         Ok(out)
+    }
+}
+
+/// SwiGLU: SiLU of each row's first `width` values (the gate) times its last `width` (up).
+fn swiglu(x: &Tensor, width: usize) -> Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&SwiGlu { width });
+    }
+    candle_nn::ops::silu(&x.narrow(D::Minus1, 0, width)?)? * x.narrow(D::Minus1, width, width)?
+}
+
+struct SwiGlu {
+    width: usize,
+}
+
+impl CustomOp1 for SwiGlu {
+    fn name(&self) -> &'static str {
+        "swiglu"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
+        let input = cpu::contiguous_f32(storage, layout, "swiglu", "the input")?;
+        cpu::gated(input, self.width, layout.shape().dims(), "swiglu", cpu::simd::swiglu_rows)
     }
 }

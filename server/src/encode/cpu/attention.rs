@@ -5,9 +5,11 @@
 //! len) tensor, no work on padding, and scores for at most [`BLOCK_ROWS`] queries at a time
 //! per thread, however long the sequence.
 //!
-//! Options cover ModernBERT's layers: rotary position embeddings applied to queries and keys
-//! on the way in (positions counted from each sequence's start), and a sliding window (each
-//! token attends to those at most `window` positions away).
+//! Options cover ModernBERT's and Qwen3's layers: rotary position embeddings applied to
+//! queries and keys on the way in (positions counted from each sequence's start), after an
+//! RMS norm per head where the model has one; a sliding window (each token attends to those
+//! at most `window` positions away); causal attention (each token attends to those before it
+//! and itself); and fewer key/value heads than query heads (grouped-query attention).
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
@@ -57,16 +59,33 @@ impl Rotary {
         Ok((Tensor::from_slice(&self.cos[..n], (len, self.half), device)?, Tensor::from_slice(&self.sin[..n], (len, self.half), device)?))
     }
 
-    /// `dst` = `src` (one head's vector) turned for `position`.
-    fn rotate(&self, position: usize, src: &[f32], dst: &mut [f32]) {
+    /// `v` (one head's vector) turned in place for `position`.
+    fn rotate(&self, position: usize, v: &mut [f32]) {
         let h = self.half;
         let (cos, sin) = (&self.cos[position * h..][..h], &self.sin[position * h..][..h]);
-        let (x1, x2) = src[..2 * h].split_at(h);
-        let (d1, d2) = dst[..2 * h].split_at_mut(h);
+        let (x1, x2) = v[..2 * h].split_at_mut(h);
         for i in 0..h {
-            d1[i] = x1[i] * cos[i] - x2[i] * sin[i];
-            d2[i] = x2[i] * cos[i] + x1[i] * sin[i];
+            let (a, b) = (x1[i], x2[i]);
+            x1[i] = a * cos[i] - b * sin[i];
+            x2[i] = b * cos[i] + a * sin[i];
         }
+    }
+}
+
+/// An RMS norm over each head's vector of queries and of keys (Qwen3's `q_norm`, `k_norm`):
+/// x / sqrt(mean(x²) + eps) · weight.
+#[derive(Clone, Copy)]
+pub struct HeadNorm<'a> {
+    pub query: &'a [f32],
+    pub key: &'a [f32],
+    pub eps: f32,
+}
+
+fn rms_norm(v: &mut [f32], weight: &[f32], eps: f32) {
+    let mean = v.iter().map(|x| x * x).sum::<f32>() / v.len() as f32;
+    let inv = 1.0 / (mean + eps).sqrt();
+    for (x, w) in v.iter_mut().zip(weight) {
+        *x = *x * inv * w;
     }
 }
 
@@ -75,15 +94,22 @@ impl Rotary {
 pub struct Options<'a> {
     /// Turn queries and keys by their position in the sequence first.
     pub rotary: Option<&'a Rotary>,
+    /// Normalize each head's queries and keys first (before turning them).
+    pub head_norm: Option<HeadNorm<'a>>,
     /// Attend only to tokens at most this many positions away.
     pub window: Option<usize>,
+    /// Attend only to tokens up to and including one's own position.
+    pub causal: bool,
+    /// Key/value heads, when fewer than the query heads (each serves heads / kv_heads of
+    /// them, in order); `qkv` then holds heads, kv_heads and kv_heads vectors per token.
+    pub kv_heads: Option<usize>,
     /// Query rows per unit of work ([`BLOCK_ROWS`]; smaller in tests).
     pub block_rows: usize,
 }
 
 impl Default for Options<'_> {
     fn default() -> Self {
-        Options { rotary: None, window: None, block_rows: BLOCK_ROWS }
+        Options { rotary: None, head_norm: None, window: None, causal: false, kv_heads: None, block_rows: BLOCK_ROWS }
     }
 }
 
@@ -94,8 +120,17 @@ pub fn attention(qkv: &Tensor, lens: &[usize], heads: usize, head_dim: usize) ->
     attention_with(qkv, lens, heads, head_dim, Options::default())
 }
 
-/// [`attention`] with rotary embeddings, a sliding window or a block size.
+/// [`attention`] with any of the [`Options`].
 pub fn attention_with(qkv: &Tensor, lens: &[usize], heads: usize, head_dim: usize, options: Options) -> Result<Tensor> {
+    let kv_heads = options.kv_heads.unwrap_or(heads);
+    if kv_heads == 0 || !heads.is_multiple_of(kv_heads) {
+        candle_core::bail!("fused attention: {heads} query heads for {kv_heads} key/value heads");
+    }
+    if let Some(norm) = options.head_norm
+        && (norm.query.len() != head_dim || norm.key.len() != head_dim)
+    {
+        candle_core::bail!("fused attention: head norms of {} and {} for heads of {head_dim}", norm.query.len(), norm.key.len());
+    }
     if let Some(rotary) = options.rotary {
         if rotary.half * 2 != head_dim {
             candle_core::bail!("fused attention: rotary tables for heads of {}, heads of {head_dim}", rotary.half * 2);
@@ -162,12 +197,23 @@ impl CustomOp1 for Attention<'_> {
         let qkv = super::contiguous_f32(storage, layout, "fused attention", "the input")?;
         let Attention { lens, heads, head_dim, options } = self;
         let (heads, head_dim) = (*heads, *head_dim);
+        let kv_heads = options.kv_heads.unwrap_or(heads);
+        let group = heads / kv_heads;
         let hidden = heads * head_dim;
-        let stride = 3 * hidden;
+        let stride = hidden + 2 * kv_heads * head_dim;
         let tokens: usize = lens.iter().sum();
         if qkv.len() != tokens * stride {
-            candle_core::bail!("fused attention: qkv of {} values for {tokens} tokens x {heads} heads of {head_dim}", qkv.len());
+            candle_core::bail!("fused attention: qkv of {} values for {tokens} tokens x ({heads} + 2 x {kv_heads}) heads of {head_dim}", qkv.len());
         }
+        let prepare = |v: &mut [f32], position: usize, norm: Option<&[f32]>| {
+            if let (Some(weight), Some(head_norm)) = (norm, options.head_norm) {
+                rms_norm(v, weight, head_norm.eps);
+            }
+            if let Some(rotary) = options.rotary {
+                rotary.rotate(position, v);
+            }
+        };
+        let transformed = options.rotary.is_some() || options.head_norm.is_some();
         let block = options.block_rows.max(1);
         // Units of work: (sequence, head, first query row of the block).
         let mut units = Vec::new();
@@ -186,45 +232,45 @@ impl CustomOp1 for Attention<'_> {
         units.into_par_iter().for_each(|(first, n, head, r0)| {
             let r1 = (r0 + block).min(n);
             let rows = r1 - r0;
-            // The keys any of these queries sees.
-            let (lo, hi) = match options.window {
-                Some(w) => (r0.saturating_sub(w), (r1 + w).min(n)),
-                None => (0, n),
+            // The keys query t sees: [t - window, t + window], up to t itself when causal.
+            let seen = |t: usize| {
+                let from = options.window.map_or(0, |w| t.saturating_sub(w));
+                let to = if options.causal { t + 1 } else { options.window.map_or(n, |w| (t + w + 1).min(n)) };
+                (from, to)
             };
+            let (lo, hi) = (seen(r0).0, seen(r1 - 1).1);
             let keys = hi - lo;
             let seq = &qkv[first * stride..(first + n) * stride];
-            let (q_at, k_at, v_at) = (head * head_dim, hidden + head * head_dim, 2 * hidden + head * head_dim);
+            let kv = head / group;
+            let (q_at, k_at, v_at) = (head * head_dim, hidden + kv * head_dim, hidden + (kv_heads + kv) * head_dim);
             SCRATCH.with_borrow_mut(|scratch| {
                 let Scratch { scores, q, k } = scratch;
                 let scores = room(scores, rows * keys);
-                match options.rotary {
-                    Some(rotary) => {
-                        let (q, k) = (room(q, rows * head_dim), room(k, keys * head_dim));
-                        for (i, dst) in q.chunks_exact_mut(head_dim).enumerate() {
-                            rotary.rotate(r0 + i, &seq[(r0 + i) * stride + q_at..][..head_dim], dst);
-                        }
-                        for (j, dst) in k.chunks_exact_mut(head_dim).enumerate() {
-                            rotary.rotate(lo + j, &seq[(lo + j) * stride + k_at..][..head_dim], dst);
-                        }
-                        super::gemm_nt_single(kernels, rows, keys, head_dim, scale, q, head_dim, k, head_dim, scores, keys);
+                if transformed {
+                    let (q, k) = (room(q, rows * head_dim), room(k, keys * head_dim));
+                    for (i, dst) in q.chunks_exact_mut(head_dim).enumerate() {
+                        dst.copy_from_slice(&seq[(r0 + i) * stride + q_at..][..head_dim]);
+                        prepare(dst, r0 + i, options.head_norm.map(|n| n.query));
                     }
-                    None => {
-                        let (q, k) = (&seq[r0 * stride + q_at..], &seq[lo * stride + k_at..]);
-                        super::gemm_nt_single(kernels, rows, keys, head_dim, scale, q, stride, k, stride, scores, keys);
+                    for (j, dst) in k.chunks_exact_mut(head_dim).enumerate() {
+                        dst.copy_from_slice(&seq[(lo + j) * stride + k_at..][..head_dim]);
+                        prepare(dst, lo + j, options.head_norm.map(|n| n.key));
                     }
+                    super::gemm_nt_single(kernels, rows, keys, head_dim, scale, q, head_dim, k, head_dim, scores, keys);
+                } else {
+                    let (q, k) = (&seq[r0 * stride + q_at..], &seq[lo * stride + k_at..]);
+                    super::gemm_nt_single(kernels, rows, keys, head_dim, scale, q, stride, k, stride, scores, keys);
                 }
-                match options.window {
-                    Some(w) => {
-                        for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
-                            // Query r0 + i sees keys [r0 + i - w, r0 + i + w], here from lo.
-                            let t = r0 + i;
-                            let (from, to) = (t.saturating_sub(w) - lo, (t + w + 1).min(hi) - lo);
-                            simd::softmax_rows(&mut row[from..to], to - from);
-                            row[..from].fill(0.0);
-                            row[to..].fill(0.0);
-                        }
+                if options.window.is_none() && !options.causal {
+                    simd::softmax_rows(scores, keys);
+                } else {
+                    for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+                        let (from, to) = seen(r0 + i);
+                        let (from, to) = (from - lo, to - lo);
+                        simd::softmax_rows(&mut row[from..to], to - from);
+                        row[..from].fill(0.0);
+                        row[to..].fill(0.0);
                     }
-                    None => simd::softmax_rows(scores, keys),
                 }
                 // SAFETY: the (rows, head_dim) block at this block's rows and this head's
                 // columns lies inside the context buffer, and this unit alone writes it.

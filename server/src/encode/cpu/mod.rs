@@ -158,6 +158,22 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &
     }
 }
 
+/// A gated activation over contiguous rows of 2·`width` values (`dims` their shape), split
+/// across threads: `kernel` writes each row's `width` outputs ([`simd::geglu_rows`],
+/// [`simd::swiglu_rows`]). `op` names it in errors.
+pub(crate) fn gated(input: &[f32], width: usize, dims: &[usize], op: &str, kernel: fn(&[f32], &mut [f32], usize)) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
+    if width == 0 || dims.last() != Some(&(2 * width)) {
+        candle_core::bail!("{op}: rows of {:?} values, expected {}", dims.last(), 2 * width);
+    }
+    let rows = input.len() / (2 * width);
+    let mut out = vec![0f32; rows * width];
+    let per_chunk = rows.div_ceil(rayon::current_num_threads().max(1)).max(4096usize.div_ceil(width));
+    input.par_chunks(per_chunk * 2 * width).zip(out.par_chunks_mut(per_chunk * width)).for_each(|(src, dst)| kernel(src, dst, width));
+    let mut out_dims = dims.to_vec();
+    *out_dims.last_mut().expect("checked above") = width;
+    Ok((CpuStorage::F32(out), candle_core::Shape::from(out_dims)))
+}
+
 /// Products this small run on one thread: splitting costs more than it saves.
 const SPLIT_FLOPS: usize = 1 << 21;
 

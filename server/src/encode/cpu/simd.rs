@@ -150,6 +150,16 @@ dispatch!(geglu_rows(input: &[f32], out: &mut [f32], width: usize) {
     }
 });
 
+dispatch!(swiglu_rows(input: &[f32], out: &mut [f32], width: usize) {
+    // Each input row is the gate then the up projection, `width` each.
+    for (src, dst) in input.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
+        let (gate, up) = src.split_at(width);
+        for ((o, &g), &u) in dst.iter_mut().zip(gate).zip(up) {
+            *o = g / (1.0 + exp_f32(-g)) * u;
+        }
+    }
+});
+
 #[cfg(test)]
 mod tests {
     use super::*;

@@ -126,10 +126,25 @@ fn dense_layers_match_the_plain_product() {
     }
 }
 
-/// Attention by the formula in f64: queries and keys turned by `theta` (rotate-half) when
-/// given, keys more than `window` away masked when given.
-fn attention_reference(qkv: &[f32], lens: &[usize], heads: usize, d: usize, theta: Option<f64>, window: Option<usize>) -> Vec<f32> {
+/// What [`attention_reference`] computes beyond the plain form.
+#[derive(Clone, Copy, Default)]
+struct Variant {
+    /// Turn queries and keys (rotate-half) with this base.
+    theta: Option<f64>,
+    /// Mask keys more than this far away.
+    window: Option<usize>,
+    /// Mask keys after the query.
+    causal: bool,
+    /// Key/value heads (default: as many as query heads).
+    kv_heads: Option<usize>,
+}
+
+/// Attention by the formula in f64.
+fn attention_reference(qkv: &[f32], lens: &[usize], heads: usize, d: usize, variant: Variant) -> Vec<f32> {
+    let Variant { theta, window, causal, kv_heads } = variant;
+    let kv_heads = kv_heads.unwrap_or(heads);
     let hidden = heads * d;
+    let stride = hidden + 2 * kv_heads * d;
     let tokens: usize = lens.iter().sum();
     let mut want = vec![0f32; tokens * hidden];
     let turn = |v: &[f32], p: usize| -> Vec<f64> {
@@ -148,10 +163,12 @@ fn attention_reference(qkv: &[f32], lens: &[usize], heads: usize, d: usize, thet
     let mut first = 0;
     for &n in lens {
         for h in 0..heads {
-            let row = |u: usize, part: usize| &qkv[(first + u) * 3 * hidden + part * hidden + h * d..][..d];
+            let kv = h / (heads / kv_heads);
+            let at = [h * d, hidden + kv * d, hidden + (kv_heads + kv) * d];
+            let row = |u: usize, part: usize| &qkv[(first + u) * stride + at[part]..][..d];
             for t in 0..n {
                 let q = turn(row(t, 0), t);
-                let seen: Vec<usize> = (0..n).filter(|&u| window.is_none_or(|w| t.abs_diff(u) <= w)).collect();
+                let seen: Vec<usize> = (0..n).filter(|&u| window.is_none_or(|w| t.abs_diff(u) <= w) && (!causal || u <= t)).collect();
                 let scores: Vec<f64> = seen.iter().map(|&u| q.iter().zip(turn(row(u, 1), u)).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()).collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = scores.iter().map(|v| (v - max).exp()).sum();
@@ -172,7 +189,7 @@ fn fused_attention_matches_the_formula_on_packed_sequences() {
     let (lens, heads, d) = ([9usize, 5, 0, 1], 2, 4);
     let tokens: usize = lens.iter().sum();
     let qkv = values(tokens * 3 * heads * d, 5);
-    let want = attention_reference(&qkv, &lens, heads, d, None, None);
+    let want = attention_reference(&qkv, &lens, heads, d, Variant::default());
     for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
         select(choice, "").unwrap();
         let qkv_t = Tensor::from_slice(&qkv, (tokens, 3 * heads * d), &Device::Cpu).unwrap();
@@ -184,25 +201,42 @@ fn fused_attention_matches_the_formula_on_packed_sequences() {
 
 #[test]
 fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
-    // ModernBERT's layers: rotary embeddings, with and without a window of +-3, in blocks of
-    // 4 query rows (sequences longer than a block, one shorter, one of a single token).
-    let (lens, heads, d) = ([13usize, 5, 0, 1, 9], 2, 8);
+    // ModernBERT's layers (rotary embeddings, with and without a window of +-3) and Qwen3's
+    // (rotary, causal, 4 query heads on 2 key/value heads), in blocks of 4 query rows
+    // (sequences longer than a block, one shorter, one of a single token) and whole.
+    let (lens, heads, d) = ([13usize, 5, 0, 1, 9], 4, 8);
     let tokens: usize = lens.iter().sum();
-    let qkv = values(tokens * 3 * heads * d, 7);
     let rotary = attention::Rotary::new(d, 10_000.0, 16);
-    for window in [None, Some(3)] {
-        let want = attention_reference(&qkv, &lens, heads, d, Some(10_000.0), window);
+    let theta = Some(10_000.0);
+    let variants = [
+        Variant { theta, ..Variant::default() },
+        Variant { theta, window: Some(3), ..Variant::default() },
+        Variant { theta, causal: true, kv_heads: Some(2), ..Variant::default() },
+        Variant { causal: true, window: Some(2), ..Variant::default() },
+    ];
+    for variant in variants {
+        let width = (heads + 2 * variant.kv_heads.unwrap_or(heads)) * d;
+        let qkv = values(tokens * width, 7);
+        let want = attention_reference(&qkv, &lens, heads, d, variant);
         for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
             select(choice, "").unwrap();
             for block_rows in [4, attention::BLOCK_ROWS] {
-                let options = attention::Options { rotary: Some(&rotary), window, block_rows };
-                let qkv_t = Tensor::from_slice(&qkv, (tokens, 3 * heads * d), &Device::Cpu).unwrap();
+                let options = attention::Options {
+                    rotary: variant.theta.map(|_| &rotary),
+                    window: variant.window,
+                    causal: variant.causal,
+                    kv_heads: variant.kv_heads,
+                    block_rows,
+                    ..attention::Options::default()
+                };
+                let qkv_t = Tensor::from_slice(&qkv, (tokens, width), &Device::Cpu).unwrap();
                 let got = attention::attention_with(&qkv_t, &lens, heads, d, options).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let diff = max_abs_diff(&got, &want);
-                assert!(diff < 1e-5, "{choice:?}, window {window:?}, blocks of {block_rows}: max |difference| {diff}");
+                assert!(diff < 1e-5, "{choice:?}, {:?} window, causal {}, blocks of {block_rows}: max |difference| {diff}", variant.window, variant.causal);
             }
         }
     }
+    let qkv = values(tokens * 3 * heads * d, 7);
     // Sequences longer than the tables are refused, not read past them.
     let qkv_t = Tensor::from_slice(&qkv[..17 * 3 * heads * d], (17, 3 * heads * d), &Device::Cpu).unwrap();
     let options = attention::Options { rotary: Some(&rotary), ..attention::Options::default() };
@@ -210,19 +244,18 @@ fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
     assert!(err.contains("17 tokens"), "{err}");
 }
 
-/// ModernBERT (the committed fixture: global, sliding (+-4), global layers): right padding
-/// runs packed, any other mask padded; both give the padded body's hidden states on candle's
-/// operations at every unmasked position, for sequences longer than the window.
-#[test]
-fn the_modernbert_body_matches_candle_with_any_mask() {
+/// A committed fixture's body: right padding runs packed, any other mask padded; both give
+/// the padded body's hidden states on candle's operations at every unmasked position, for
+/// sequences of up to 20 tokens (ids below `vocab`).
+fn body_matches_candle_with_any_mask(fixture: &str, model_type: &str, vocab: u32) {
     use crate::encode::arch::Body;
-    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models/modernbert-mean-normalize");
+    let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(fixture);
     let config = std::fs::read(dir.join("config.json")).unwrap();
     let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
     let vb = candle_nn::VarBuilder::from_buffered_safetensors(weights, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let Ok((body, _)) = Body::load("modernbert", &config, vb) else { panic!("the modernbert fixture does not load") };
+    let Ok((body, _)) = Body::load(model_type, &config, vb) else { panic!("{fixture} does not load") };
     let l = 20;
-    let ids: Vec<u32> = (0..3 * l).map(|i| (i as u32 * 37 + 11) % 290 + 5).collect();
+    let ids: Vec<u32> = (0..3 * l).map(|i| (i as u32 * 37 + 11) % (vocab - 5) + 5).collect();
     let ids = Tensor::from_vec(ids, (3, l), &Device::Cpu).unwrap();
     let types = ids.zeros_like().unwrap();
     let lengths = [17usize, 20, 6];
@@ -237,38 +270,21 @@ fn the_modernbert_body_matches_candle_with_any_mask() {
             select(choice, "").unwrap();
             let got = body.forward(&ids, &types, &mask).unwrap().broadcast_mul(&keep).unwrap();
             let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "{choice:?}: max |difference| {diff} at unmasked positions");
+            assert!(diff < 1e-4, "{fixture}, {choice:?}: max |difference| {diff} at unmasked positions");
         }
     }
 }
 
-/// Right padding runs packed; any other mask (a gap inside, left padding) runs padded. Both
-/// give candle's hidden states at every unmasked position.
+/// ModernBERT: global, sliding (+-4), global layers.
 #[test]
-fn the_body_matches_candle_with_any_mask() {
-    use candle_nn::VarBuilder;
-    use candle_transformers::models::bert::Config;
-    let dir = real_model_dir();
-    let config: Config = serde_json::from_slice(&std::fs::read(dir.join("config.json")).unwrap()).unwrap();
-    let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
-    let vb = VarBuilder::from_buffered_safetensors(weights, candle_core::DType::F32, &Device::Cpu).unwrap();
-    let body = crate::encode::body::BertBody::load(vb, &config).unwrap();
-    let ids = Tensor::new(&[[101u32, 2023, 2003, 1037, 3231, 102, 0, 0], [101, 7592, 2088, 2005, 2256, 3899, 2015, 102], [0, 0, 101, 7592, 2088, 2005, 102, 0]], &Device::Cpu).unwrap();
-    let types = ids.zeros_like().unwrap();
-    let prefix = Tensor::new(&[[1u32, 1, 1, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [1, 1, 1, 1, 1, 1, 1, 0]], &Device::Cpu).unwrap();
-    let gaps = Tensor::new(&[[1u32, 1, 0, 1, 1, 1, 0, 0], [1, 1, 1, 1, 1, 1, 1, 1], [0, 0, 1, 1, 1, 1, 1, 0]], &Device::Cpu).unwrap();
-    for mask in [prefix, gaps] {
-        select(KernelsSpec::Candle, "").unwrap();
-        let want = body.forward(&ids, &types, &mask).unwrap();
-        let keep = mask.to_dtype(candle_core::DType::F32).unwrap().unsqueeze(2).unwrap();
-        let want = want.broadcast_mul(&keep).unwrap();
-        for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
-            select(choice, "").unwrap();
-            let got = body.forward(&ids, &types, &mask).unwrap().broadcast_mul(&keep).unwrap();
-            let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
-            assert!(diff < 1e-4, "{choice:?}: max |difference| {diff} at unmasked positions");
-        }
-    }
+fn the_modernbert_body_matches_candle_with_any_mask() {
+    body_matches_candle_with_any_mask("modernbert-mean-normalize", "modernbert", 300);
+}
+
+/// Qwen3: causal, 4 query heads on 2 key/value heads, head norms.
+#[test]
+fn the_qwen3_body_matches_candle_with_any_mask() {
+    body_matches_candle_with_any_mask("qwen3-lasttoken-normalize", "qwen3", 330);
 }
 
 #[test]
