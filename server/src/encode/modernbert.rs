@@ -5,12 +5,12 @@
 //! go through the layers (right padding is cut out, attention runs per sequence with the
 //! rotation and the window fused in); elsewhere the padded batch runs on candle's operations.
 //! Both agree with each other (tests) and with transformers (the library-reference tests).
-use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
 use super::body::prefix_lengths;
 use super::cpu::attention::{self, Options, Rotary};
-use super::cpu::{self, Kernels, dense::Dense};
+use super::cpu::{self, Gate, Kernels, dense::Dense};
 
 /// The architecture's settings, as read from `config.json` (transformers 4.x or 5.x keys).
 #[derive(Debug, Clone)]
@@ -127,7 +127,7 @@ impl ModernBertBody {
     /// The MLP and both residual additions around the attention's context.
     fn finish_layer(&self, layer: &Layer, ctx: &Tensor, x: &Tensor) -> Result<Tensor> {
         let x = layer.attn_out.forward_residual(ctx, x)?;
-        let inner = geglu(&layer.mlp_in.forward(&layer.mlp_norm.forward(&x)?)?, self.intermediate)?;
+        let inner = cpu::gated(&layer.mlp_in.forward(&layer.mlp_norm.forward(&x)?)?, self.intermediate, Gate::Gelu)?;
         layer.mlp_out.forward_residual(&inner, &x)
     }
 
@@ -175,28 +175,5 @@ impl ModernBertBody {
             x = self.finish_layer(layer, &ctx, &x)?;
         }
         self.final_norm.forward(&x)?.reshape((b, l, self.hidden))
-    }
-}
-
-/// GeGLU: GELU (the erf form) of each row's first `width` values times its last `width`.
-fn geglu(x: &Tensor, width: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1_no_bwd(&GeGlu { width });
-    }
-    x.narrow(candle_core::D::Minus1, 0, width)?.gelu_erf()? * x.narrow(candle_core::D::Minus1, width, width)?
-}
-
-struct GeGlu {
-    width: usize,
-}
-
-impl CustomOp1 for GeGlu {
-    fn name(&self) -> &'static str {
-        "geglu"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let input = cpu::contiguous_f32(storage, layout, "geglu", "the input")?;
-        cpu::gated(input, self.width, layout.shape().dims(), "geglu", cpu::simd::geglu_rows)
     }
 }

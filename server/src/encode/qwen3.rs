@@ -6,14 +6,14 @@
 //! batch's real tokens go through the layers, with attention fused per sequence (head norms,
 //! rotation, causal mask and grouped key/value heads inside); elsewhere the padded batch runs
 //! on candle's operations. Both agree (tests) and match transformers (library tests).
-use candle_core::{CpuStorage, CustomOp1, D, DType, Device, Layout, Module, Result, Shape, Tensor};
+use candle_core::{D, DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
 use super::body::prefix_lengths;
 use super::cpu::attention::{self, HeadNorm, Options, Rotary};
-use super::cpu::{self, Kernels, dense::Dense};
+use super::cpu::{self, Gate, Kernels, dense::Dense};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Qwen3Config {
@@ -193,7 +193,7 @@ impl Qwen3Body {
 
     /// The MLP (SwiGLU) and its residual.
     fn mlp(&self, layer: &Layer, x: &Tensor) -> Result<Tensor> {
-        let inner = swiglu(&layer.gate_up.forward(&layer.post_norm.forward(x)?)?, self.intermediate)?;
+        let inner = cpu::gated(&layer.gate_up.forward(&layer.post_norm.forward(x)?)?, self.intermediate, Gate::Silu)?;
         layer.down.forward_residual(&inner, x)
     }
 
@@ -262,28 +262,5 @@ impl Qwen3Body {
         let out = self.norm.forward(&x)?;
         debug_assert_eq!(out.dim(D::Minus1)?, self.hidden);
         Ok(out)
-    }
-}
-
-/// SwiGLU: SiLU of each row's first `width` values (the gate) times its last `width` (up).
-fn swiglu(x: &Tensor, width: usize) -> Result<Tensor> {
-    if x.device().is_cpu() && x.dtype() == DType::F32 {
-        return x.contiguous()?.apply_op1_no_bwd(&SwiGlu { width });
-    }
-    candle_nn::ops::silu(&x.narrow(D::Minus1, 0, width)?)? * x.narrow(D::Minus1, width, width)?
-}
-
-struct SwiGlu {
-    width: usize,
-}
-
-impl CustomOp1 for SwiGlu {
-    fn name(&self) -> &'static str {
-        "swiglu"
-    }
-
-    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
-        let input = cpu::contiguous_f32(storage, layout, "swiglu", "the input")?;
-        cpu::gated(input, self.width, layout.shape().dims(), "swiglu", cpu::simd::swiglu_rows)
     }
 }

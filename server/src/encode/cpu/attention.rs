@@ -188,6 +188,103 @@ fn room(buf: &mut Vec<f32>, len: usize) -> &mut [f32] {
     &mut buf[..len]
 }
 
+impl Options<'_> {
+    /// The keys query `t` of a sequence of `n` sees: [t - window, t + window], up to t
+    /// itself when causal.
+    fn seen(&self, t: usize, n: usize) -> (usize, usize) {
+        let from = self.window.map_or(0, |w| t.saturating_sub(w));
+        let to = if self.causal { t + 1 } else { self.window.map_or(n, |w| (t + w + 1).min(n)) };
+        (from, to)
+    }
+
+    /// Whether queries and keys change before the product.
+    fn transforms(&self) -> bool {
+        self.rotary.is_some() || self.head_norm.is_some()
+    }
+
+    /// One head's query or key vector at `position`, normalized by `norm` (if the layer has
+    /// head norms) and turned (if rotary), in place.
+    fn prepare(&self, v: &mut [f32], position: usize, norm: Option<&[f32]>) {
+        if let (Some(weight), Some(head_norm)) = (norm, self.head_norm) {
+            rms_norm(v, weight, head_norm.eps);
+        }
+        if let Some(rotary) = self.rotary {
+            rotary.rotate(position, v);
+        }
+    }
+}
+
+/// One unit of work: a block of a sequence's query rows at one head.
+#[derive(Clone, Copy)]
+struct Unit {
+    /// The sequence's first token among all packed tokens, and its length.
+    first: usize,
+    n: usize,
+    head: usize,
+    /// The block's first query row within the sequence.
+    r0: usize,
+}
+
+impl Attention<'_> {
+    fn kv_heads(&self) -> usize {
+        self.options.kv_heads.unwrap_or(self.heads)
+    }
+
+    /// Values per token in `qkv`.
+    fn stride(&self) -> usize {
+        (self.heads + 2 * self.kv_heads()) * self.head_dim
+    }
+
+    /// Scores, softmax and the weighted values for one unit, written into the context.
+    fn run(&self, qkv: &[f32], unit: Unit, kernels: super::Kernels, out: SharedOut, scratch: &mut Scratch) {
+        let Attention { heads, head_dim: d, options, .. } = *self;
+        let (hidden, kv_heads, stride) = (heads * d, self.kv_heads(), self.stride());
+        let Unit { first, n, head, r0 } = unit;
+        let r1 = (r0 + options.block_rows.max(1)).min(n);
+        let rows = r1 - r0;
+        let (lo, hi) = (options.seen(r0, n).0, options.seen(r1 - 1, n).1);
+        let keys = hi - lo;
+        let seq = &qkv[first * stride..(first + n) * stride];
+        let kv = head / (heads / kv_heads);
+        let (q_at, k_at, v_at) = (head * d, hidden + kv * d, hidden + (kv_heads + kv) * d);
+        let scale = 1.0 / (d as f32).sqrt();
+        let Scratch { scores, q, k } = scratch;
+        let scores = room(scores, rows * keys);
+        if options.transforms() {
+            let (q, k) = (room(q, rows * d), room(k, keys * d));
+            for (i, dst) in q.chunks_exact_mut(d).enumerate() {
+                dst.copy_from_slice(&seq[(r0 + i) * stride + q_at..][..d]);
+                options.prepare(dst, r0 + i, options.head_norm.map(|n| n.query));
+            }
+            for (j, dst) in k.chunks_exact_mut(d).enumerate() {
+                dst.copy_from_slice(&seq[(lo + j) * stride + k_at..][..d]);
+                options.prepare(dst, lo + j, options.head_norm.map(|n| n.key));
+            }
+            super::gemm_nt_single(kernels, rows, keys, d, scale, q, d, k, d, scores, keys);
+        } else {
+            let (q, k) = (&seq[r0 * stride + q_at..], &seq[lo * stride + k_at..]);
+            super::gemm_nt_single(kernels, rows, keys, d, scale, q, stride, k, stride, scores, keys);
+        }
+        if options.window.is_none() && !options.causal {
+            simd::softmax_rows(scores, keys);
+        } else {
+            for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+                let (from, to) = options.seen(r0 + i, n);
+                let (from, to) = (from - lo, to - lo);
+                simd::softmax_rows(&mut row[from..to], to - from);
+                row[..from].fill(0.0);
+                row[to..].fill(0.0);
+            }
+        }
+        // SAFETY: the (rows, d) block at this block's rows and this head's columns lies
+        // inside the context buffer, and this unit alone writes it.
+        unsafe {
+            let out = out.at((first + r0) * hidden + head * d);
+            super::gemm_nn_single(kernels, rows, d, keys, scores, keys, &seq[lo * stride + v_at..], stride, out, hidden);
+        }
+    }
+}
+
 impl CustomOp1 for Attention<'_> {
     fn name(&self) -> &'static str {
         "fused-attention"
@@ -195,91 +292,26 @@ impl CustomOp1 for Attention<'_> {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let qkv = super::contiguous_f32(storage, layout, "fused attention", "the input")?;
-        let Attention { lens, heads, head_dim, options } = self;
-        let (heads, head_dim) = (*heads, *head_dim);
-        let kv_heads = options.kv_heads.unwrap_or(heads);
-        let group = heads / kv_heads;
+        let (heads, kv_heads, head_dim) = (self.heads, self.kv_heads(), self.head_dim);
         let hidden = heads * head_dim;
-        let stride = hidden + 2 * kv_heads * head_dim;
-        let tokens: usize = lens.iter().sum();
-        if qkv.len() != tokens * stride {
+        let tokens: usize = self.lens.iter().sum();
+        if qkv.len() != tokens * self.stride() {
             candle_core::bail!("fused attention: qkv of {} values for {tokens} tokens x ({heads} + 2 x {kv_heads}) heads of {head_dim}", qkv.len());
         }
-        let prepare = |v: &mut [f32], position: usize, norm: Option<&[f32]>| {
-            if let (Some(weight), Some(head_norm)) = (norm, options.head_norm) {
-                rms_norm(v, weight, head_norm.eps);
-            }
-            if let Some(rotary) = options.rotary {
-                rotary.rotate(position, v);
-            }
-        };
-        let transformed = options.rotary.is_some() || options.head_norm.is_some();
-        let block = options.block_rows.max(1);
-        // Units of work: (sequence, head, first query row of the block).
+        let block = self.options.block_rows.max(1);
         let mut units = Vec::new();
         let mut first = 0;
-        for &n in lens {
+        for &n in &self.lens {
             for head in 0..heads {
-                units.extend((0..n).step_by(block).map(|r0| (first, n, head, r0)));
+                units.extend((0..n).step_by(block).map(|r0| Unit { first, n, head, r0 }));
             }
             first += n;
         }
-        let scale = 1.0 / (head_dim as f32).sqrt();
         // Filled below, every element by exactly one unit (its rows, its head's columns).
         let mut out: Vec<f32> = Vec::with_capacity(tokens * hidden);
         let shared = SharedOut(out.as_mut_ptr());
         let kernels = selected();
-        units.into_par_iter().for_each(|(first, n, head, r0)| {
-            let r1 = (r0 + block).min(n);
-            let rows = r1 - r0;
-            // The keys query t sees: [t - window, t + window], up to t itself when causal.
-            let seen = |t: usize| {
-                let from = options.window.map_or(0, |w| t.saturating_sub(w));
-                let to = if options.causal { t + 1 } else { options.window.map_or(n, |w| (t + w + 1).min(n)) };
-                (from, to)
-            };
-            let (lo, hi) = (seen(r0).0, seen(r1 - 1).1);
-            let keys = hi - lo;
-            let seq = &qkv[first * stride..(first + n) * stride];
-            let kv = head / group;
-            let (q_at, k_at, v_at) = (head * head_dim, hidden + kv * head_dim, hidden + (kv_heads + kv) * head_dim);
-            SCRATCH.with_borrow_mut(|scratch| {
-                let Scratch { scores, q, k } = scratch;
-                let scores = room(scores, rows * keys);
-                if transformed {
-                    let (q, k) = (room(q, rows * head_dim), room(k, keys * head_dim));
-                    for (i, dst) in q.chunks_exact_mut(head_dim).enumerate() {
-                        dst.copy_from_slice(&seq[(r0 + i) * stride + q_at..][..head_dim]);
-                        prepare(dst, r0 + i, options.head_norm.map(|n| n.query));
-                    }
-                    for (j, dst) in k.chunks_exact_mut(head_dim).enumerate() {
-                        dst.copy_from_slice(&seq[(lo + j) * stride + k_at..][..head_dim]);
-                        prepare(dst, lo + j, options.head_norm.map(|n| n.key));
-                    }
-                    super::gemm_nt_single(kernels, rows, keys, head_dim, scale, q, head_dim, k, head_dim, scores, keys);
-                } else {
-                    let (q, k) = (&seq[r0 * stride + q_at..], &seq[lo * stride + k_at..]);
-                    super::gemm_nt_single(kernels, rows, keys, head_dim, scale, q, stride, k, stride, scores, keys);
-                }
-                if options.window.is_none() && !options.causal {
-                    simd::softmax_rows(scores, keys);
-                } else {
-                    for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
-                        let (from, to) = seen(r0 + i);
-                        let (from, to) = (from - lo, to - lo);
-                        simd::softmax_rows(&mut row[from..to], to - from);
-                        row[..from].fill(0.0);
-                        row[to..].fill(0.0);
-                    }
-                }
-                // SAFETY: the (rows, head_dim) block at this block's rows and this head's
-                // columns lies inside the context buffer, and this unit alone writes it.
-                unsafe {
-                    let out = shared.at((first + r0) * hidden + head * head_dim);
-                    super::gemm_nn_single(kernels, rows, head_dim, keys, scores, keys, &seq[lo * stride + v_at..], stride, out, hidden);
-                }
-            });
-        });
+        units.into_par_iter().for_each(|unit| SCRATCH.with_borrow_mut(|scratch| self.run(qkv, unit, kernels, shared, scratch)));
         // SAFETY: the units above wrote every element: each sequence's rows, in blocks, at
         // every head.
         unsafe { out.set_len(tokens * hidden) };

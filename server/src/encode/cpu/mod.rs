@@ -14,7 +14,7 @@
 //! (tested within 1e-4).
 use std::sync::Mutex;
 
-use candle_core::{CpuStorage, Layout};
+use candle_core::{CpuStorage, CustomOp1, D, DType, Layout, Shape, Tensor};
 use parking_lot::RwLock;
 use rayon::prelude::*;
 
@@ -158,20 +158,58 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &
     }
 }
 
-/// A gated activation over contiguous rows of 2·`width` values (`dims` their shape), split
-/// across threads: `kernel` writes each row's `width` outputs ([`simd::geglu_rows`],
-/// [`simd::swiglu_rows`]). `op` names it in errors.
-pub(crate) fn gated(input: &[f32], width: usize, dims: &[usize], op: &str, kernel: fn(&[f32], &mut [f32], usize)) -> candle_core::Result<(CpuStorage, candle_core::Shape)> {
-    if width == 0 || dims.last() != Some(&(2 * width)) {
-        candle_core::bail!("{op}: rows of {:?} values, expected {}", dims.last(), 2 * width);
+/// The activation of a gated MLP's gate.
+#[derive(Clone, Copy)]
+pub enum Gate {
+    /// GELU, the erf form (ModernBERT's GeGLU).
+    Gelu,
+    /// SiLU (Qwen3's SwiGLU).
+    Silu,
+}
+
+/// A gated MLP's middle: each row of `x` holds 2·`width` values, the gate then the values it
+/// scales; out comes activation(gate) · values, `width` per row. On the CPU in f32 one pass,
+/// split across threads; elsewhere candle's operations.
+pub fn gated(x: &Tensor, width: usize, gate: Gate) -> candle_core::Result<Tensor> {
+    if x.device().is_cpu() && x.dtype() == DType::F32 {
+        return x.contiguous()?.apply_op1_no_bwd(&Gated { width, gate });
     }
-    let rows = input.len() / (2 * width);
-    let mut out = vec![0f32; rows * width];
-    let per_chunk = rows.div_ceil(rayon::current_num_threads().max(1)).max(4096usize.div_ceil(width));
-    input.par_chunks(per_chunk * 2 * width).zip(out.par_chunks_mut(per_chunk * width)).for_each(|(src, dst)| kernel(src, dst, width));
-    let mut out_dims = dims.to_vec();
-    *out_dims.last_mut().expect("checked above") = width;
-    Ok((CpuStorage::F32(out), candle_core::Shape::from(out_dims)))
+    let (g, v) = (x.narrow(D::Minus1, 0, width)?, x.narrow(D::Minus1, width, width)?);
+    let g = match gate {
+        Gate::Gelu => g.gelu_erf()?,
+        Gate::Silu => candle_nn::ops::silu(&g)?,
+    };
+    g * v
+}
+
+struct Gated {
+    width: usize,
+    gate: Gate,
+}
+
+impl CustomOp1 for Gated {
+    fn name(&self) -> &'static str {
+        "gated-activation"
+    }
+
+    fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> candle_core::Result<(CpuStorage, Shape)> {
+        let input = contiguous_f32(storage, layout, "gated activation", "the input")?;
+        let (width, dims) = (self.width, layout.shape().dims());
+        if width == 0 || dims.last() != Some(&(2 * width)) {
+            candle_core::bail!("gated activation: rows of {:?} values, expected {}", dims.last(), 2 * width);
+        }
+        let kernel = match self.gate {
+            Gate::Gelu => simd::geglu_rows,
+            Gate::Silu => simd::swiglu_rows,
+        };
+        let rows = input.len() / (2 * width);
+        let mut out = vec![0f32; rows * width];
+        let per_chunk = rows.div_ceil(rayon::current_num_threads().max(1)).max(4096usize.div_ceil(width));
+        input.par_chunks(per_chunk * 2 * width).zip(out.par_chunks_mut(per_chunk * width)).for_each(|(src, dst)| kernel(src, dst, width));
+        let mut out_dims = dims.to_vec();
+        *out_dims.last_mut().expect("checked above") = width;
+        Ok((CpuStorage::F32(out), Shape::from(out_dims)))
+    }
 }
 
 /// Products this small run on one thread: splitting costs more than it saves.
