@@ -158,6 +158,7 @@ impl ModernBertBody {
         let outside: Vec<f32> = (0..l * l).map(|at| if (at / l).abs_diff(at % l) > w { FAR } else { 0.0 }).collect();
         let windowed = padding.broadcast_add(&Tensor::from_vec(outside, (l, l), &self.device)?)?;
         let scale = 1.0 / (self.head_dim as f64).sqrt();
+        let (global, local) = (self.global_rotary.tables(l, &self.device)?, self.local_rotary.tables(l, &self.device)?);
         for layer in &self.layers {
             let normed = match &layer.attn_norm {
                 Some(norm) => norm.forward(&x)?,
@@ -165,9 +166,9 @@ impl ModernBertBody {
             };
             let qkv = layer.qkv.forward(&normed)?.reshape((b, l, 3, self.heads, self.head_dim))?;
             let qkv = qkv.permute((2, 0, 3, 1, 4))?.contiguous()?; // (3, b, heads, l, d)
-            let (cos, sin) = self.rotary(layer).tables(l, &self.device)?;
-            let q = candle_nn::rotary_emb::rope(&qkv.get(0)?, &cos, &sin)?;
-            let k = candle_nn::rotary_emb::rope(&qkv.get(1)?, &cos, &sin)?;
+            let (cos, sin) = if layer.sliding { &local } else { &global };
+            let q = candle_nn::rotary_emb::rope(&qkv.get(0)?, cos, sin)?;
+            let k = candle_nn::rotary_emb::rope(&qkv.get(1)?, cos, sin)?;
             let bias = if layer.sliding { &windowed } else { &padding };
             let scores = (q.matmul(&k.t()?)? * scale)?.broadcast_add(bias)?;
             let probs = candle_nn::ops::softmax_last_dim(&scores)?;
