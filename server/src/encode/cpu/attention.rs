@@ -1,4 +1,4 @@
-//! Bidirectional multi-head attention over packed sequences (their tokens back to back, no
+//! Multi-head attention over packed sequences (their tokens back to back, no
 //! padding), fused per (sequence, head, block of query rows) straight from the fused
 //! query/key/value projection: scores = q·kᵀ·scale, softmax, then · v written into the context
 //! at the head's columns. No copies to a head-major layout and back, no (batch, heads, len,
