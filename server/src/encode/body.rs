@@ -10,7 +10,7 @@ use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
 use rayon::prelude::*;
 
-use super::cpu::{self, Kernels, dense::Dense};
+use super::cpu::{self, dense::Dense, packed::Packed};
 
 struct Embeddings {
     word: Embedding,
@@ -129,12 +129,8 @@ impl BertBody {
             .broadcast_add(&self.embeddings.position.forward(&positions)?)?
             .add(&self.embeddings.token_type.forward(types)?)?;
         let x = self.embeddings.norm.forward(&x)?.reshape((b * l, self.hidden))?;
-        if x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && !matches!(cpu::selected(), Kernels::Candle)
-            && let Some(lens) = prefix_lengths(mask)?
-        {
-            return self.forward_packed(x, &lens, b, l);
+        if let Some(packed) = Packed::new(&x, mask)? {
+            return self.forward_packed(&x, &packed);
         }
         let mut x = x;
         // Padding gets a large negative bias before the softmax: (b, 1, 1, l), made in f32 and
@@ -157,35 +153,18 @@ impl BertBody {
         x.reshape((b, l, self.hidden))
     }
 
-    /// The layers on the CPU kernels over the batch's real tokens only, packed back to back
-    /// (every dense layer, norm and activation works per token; attention per sequence), then
-    /// scattered back to (batch, len, hidden) with zeros at the padding, which no pooling reads.
-    fn forward_packed(&self, x: Tensor, lens: &[usize], b: usize, l: usize) -> Result<Tensor> {
-        let rows: Vec<u32> = lens.iter().enumerate().flat_map(|(i, &n)| (0..n).map(move |t| (i * l + t) as u32)).collect();
-        let rows = Tensor::from_vec(rows, lens.iter().sum::<usize>(), &self.device)?;
-        let mut x = x.index_select(&rows, 0)?;
+    /// The layers on the CPU kernels over the batch's real tokens only (attention per
+    /// sequence), scattered back to (batch, len, hidden).
+    fn forward_packed(&self, x: &Tensor, packed: &Packed) -> Result<Tensor> {
+        let mut x = packed.gather(x)?;
         for layer in &self.layers {
-            let ctx = cpu::attention::attention(&layer.qkv.forward(&x)?, lens, self.heads, self.head_dim)?;
+            let ctx = cpu::attention::attention(&layer.qkv.forward(&x)?, &packed.lens, self.heads, self.head_dim)?;
             x = layer.attn_norm.forward(&layer.attn_out.forward_residual(&ctx, &x)?)?;
             let inter = activation(&layer.intermediate.forward(&x)?, self.act)?;
             x = layer.out_norm.forward(&layer.output.forward_residual(&inter, &x)?)?;
         }
-        Tensor::zeros((b * l, self.hidden), x.dtype(), &self.device)?.index_add(&rows, &x, 0)?.reshape((b, l, self.hidden))
+        packed.scatter(&x)
     }
-}
-
-/// Each row's token count when every row of the (batch, len) mask is ones then zeros (right
-/// padding, as BERT tokenizers pad); `None` for any other shape.
-pub(super) fn prefix_lengths(mask: &Tensor) -> Result<Option<Vec<usize>>> {
-    let (_, l) = mask.dims2()?;
-    let values = mask.to_dtype(DType::U32)?.flatten_all()?.to_vec1::<u32>()?;
-    Ok(values
-        .chunks(l.max(1))
-        .map(|row| {
-            let n = row.iter().take_while(|&&m| m != 0).count();
-            row[n..].iter().all(|&m| m == 0).then_some(n)
-        })
-        .collect())
 }
 
 fn activation(x: &Tensor, act: HiddenAct) -> Result<Tensor> {

@@ -8,9 +8,8 @@
 use candle_core::{DType, Device, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 
-use super::body::prefix_lengths;
 use super::cpu::attention::{self, Options, Rotary};
-use super::cpu::{self, Gate, Kernels, dense::Dense};
+use super::cpu::{self, Gate, dense::Dense, packed::Packed};
 
 /// The architecture's settings, as read from `config.json` (transformers 4.x or 5.x keys).
 #[derive(Debug, Clone)]
@@ -110,18 +109,22 @@ impl ModernBertBody {
             candle_core::bail!("{l} tokens, the model has {} positions", self.global_rotary.positions());
         }
         let x = self.embeddings_norm.forward(&self.embeddings.forward(ids)?)?.reshape((b * l, self.hidden))?;
-        if x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && !matches!(cpu::selected(), Kernels::Candle)
-            && let Some(lens) = prefix_lengths(mask)?
-        {
-            return self.forward_packed(x, &lens, b, l);
+        if let Some(packed) = Packed::new(&x, mask)? {
+            return self.forward_packed(&x, &packed);
         }
         self.forward_padded(x, mask, b, l)
     }
 
     fn rotary(&self, layer: &Layer) -> &Rotary {
         if layer.sliding { &self.local_rotary } else { &self.global_rotary }
+    }
+
+    /// The attention's input: the layer's norm of `x`, or `x` in the first layer.
+    fn attention_input(layer: &Layer, x: &Tensor) -> Result<Tensor> {
+        match &layer.attn_norm {
+            Some(norm) => norm.forward(x),
+            None => Ok(x.clone()),
+        }
     }
 
     /// The MLP and both residual additions around the attention's context.
@@ -131,23 +134,16 @@ impl ModernBertBody {
         layer.mlp_out.forward_residual(&inner, &x)
     }
 
-    /// The layers over the batch's real tokens only, packed back to back, then scattered back
-    /// to (batch, len, hidden) with zeros at the padding, which no pooling reads.
-    fn forward_packed(&self, x: Tensor, lens: &[usize], b: usize, l: usize) -> Result<Tensor> {
-        let rows: Vec<u32> = lens.iter().enumerate().flat_map(|(i, &n)| (0..n).map(move |t| (i * l + t) as u32)).collect();
-        let rows = Tensor::from_vec(rows, lens.iter().sum::<usize>(), &self.device)?;
-        let mut x = x.index_select(&rows, 0)?;
+    /// The layers over the batch's real tokens only, scattered back to (batch, len, hidden).
+    fn forward_packed(&self, x: &Tensor, packed: &Packed) -> Result<Tensor> {
+        let mut x = packed.gather(x)?;
         for layer in &self.layers {
-            let normed = match &layer.attn_norm {
-                Some(norm) => norm.forward(&x)?,
-                None => x.clone(),
-            };
             let options = Options { rotary: Some(self.rotary(layer)), window: layer.sliding.then_some(self.window), ..Options::default() };
-            let ctx = attention::attention_with(&layer.qkv.forward(&normed)?, lens, self.heads, self.head_dim, options)?;
+            let qkv = layer.qkv.forward(&Self::attention_input(layer, &x)?)?;
+            let ctx = attention::attention_with(&qkv, &packed.lens, self.heads, self.head_dim, options)?;
             x = self.finish_layer(layer, &ctx, &x)?;
         }
-        let x = self.final_norm.forward(&x)?;
-        Tensor::zeros((b * l, self.hidden), x.dtype(), &self.device)?.index_add(&rows, &x, 0)?.reshape((b, l, self.hidden))
+        packed.scatter(&self.final_norm.forward(&x)?)
     }
 
     /// The padded batch on candle's operations: padding and the window as additive biases.
@@ -160,11 +156,7 @@ impl ModernBertBody {
         let scale = 1.0 / (self.head_dim as f64).sqrt();
         let (global, local) = (self.global_rotary.tables(l, &self.device)?, self.local_rotary.tables(l, &self.device)?);
         for layer in &self.layers {
-            let normed = match &layer.attn_norm {
-                Some(norm) => norm.forward(&x)?,
-                None => x.clone(),
-            };
-            let qkv = layer.qkv.forward(&normed)?.reshape((b, l, 3, self.heads, self.head_dim))?;
+            let qkv = layer.qkv.forward(&Self::attention_input(layer, &x)?)?.reshape((b, l, 3, self.heads, self.head_dim))?;
             let qkv = qkv.permute((2, 0, 3, 1, 4))?.contiguous()?; // (3, b, heads, l, d)
             let (cos, sin) = if layer.sliding { &local } else { &global };
             let q = candle_nn::rotary_emb::rope(&qkv.get(0)?, cos, sin)?;

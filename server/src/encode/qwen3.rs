@@ -11,9 +11,8 @@ use candle_nn::{Embedding, RmsNorm, VarBuilder};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::body::prefix_lengths;
 use super::cpu::attention::{self, HeadNorm, Options, Rotary};
-use super::cpu::{self, Gate, Kernels, dense::Dense};
+use super::cpu::{self, Gate, dense::Dense, packed::Packed};
 
 #[derive(Debug, Clone, Deserialize)]
 pub struct Qwen3Config {
@@ -181,12 +180,8 @@ impl Qwen3Body {
             candle_core::bail!("{l} tokens, the model has {} positions", self.rotary.positions());
         }
         let x = self.embed.forward(ids)?;
-        if x.device().is_cpu()
-            && x.dtype() == DType::F32
-            && !matches!(cpu::selected(), Kernels::Candle)
-            && let Some(lens) = prefix_lengths(mask)?
-        {
-            return self.forward_packed(x.reshape((b * l, self.hidden))?, &lens, b, l);
+        if let Some(packed) = Packed::new(&x, mask)? {
+            return self.forward_packed(&x.reshape((b * l, self.hidden))?, &packed);
         }
         self.forward_padded(x, mask, b, l)
     }
@@ -197,12 +192,9 @@ impl Qwen3Body {
         layer.down.forward_residual(&inner, x)
     }
 
-    /// The layers over the batch's real tokens only, packed back to back, then scattered back
-    /// to (batch, len, hidden) with zeros at the padding, which no pooling reads.
-    fn forward_packed(&self, x: Tensor, lens: &[usize], b: usize, l: usize) -> Result<Tensor> {
-        let rows: Vec<u32> = lens.iter().enumerate().flat_map(|(i, &n)| (0..n).map(move |t| (i * l + t) as u32)).collect();
-        let rows = Tensor::from_vec(rows, lens.iter().sum::<usize>(), &self.device)?;
-        let mut x = x.index_select(&rows, 0)?;
+    /// The layers over the batch's real tokens only, scattered back to (batch, len, hidden).
+    fn forward_packed(&self, x: &Tensor, packed: &Packed) -> Result<Tensor> {
+        let mut x = packed.gather(x)?;
         for layer in &self.layers {
             let options = Options {
                 rotary: Some(&self.rotary),
@@ -212,11 +204,10 @@ impl Qwen3Body {
                 ..Options::default()
             };
             let qkv = layer.qkv.forward(&layer.input_norm.forward(&x)?)?;
-            let ctx = attention::attention_with(&qkv, lens, self.heads, self.head_dim, options)?;
+            let ctx = attention::attention_with(&qkv, &packed.lens, self.heads, self.head_dim, options)?;
             x = self.mlp(layer, &layer.o.forward_residual(&ctx, &x)?)?;
         }
-        let x = self.norm.forward(&x)?;
-        Tensor::zeros((b * l, self.hidden), x.dtype(), &self.device)?.index_add(&rows, &x, 0)?.reshape((b, l, self.hidden))
+        packed.scatter(&self.norm.forward(&x)?)
     }
 
     fn forward_padded(&self, mut x: Tensor, mask: &Tensor, b: usize, l: usize) -> Result<Tensor> {

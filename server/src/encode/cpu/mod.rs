@@ -21,6 +21,7 @@ use rayon::prelude::*;
 pub mod attention;
 mod blas;
 pub mod dense;
+pub mod packed;
 pub mod simd;
 
 pub use blas::{Blas, SEARCHED};
