@@ -6,9 +6,11 @@ use std::ffi::{CStr, c_char, c_int};
 
 use libloading::Library;
 
-/// Names tried in order when the configuration names no library: OpenBLAS first (its
-/// processor-dispatching build picks kernels for the machine it runs on), then MKL.
-pub const SEARCHED: &[&str] = &["libopenblas.so.0", "libopenblas.so", "libmkl_rt.so.2", "libmkl_rt.so.3", "libmkl_rt.so"];
+/// The libraries looked for when the configuration names none, by family: OpenBLAS (its
+/// processor-dispatching build picks kernels for the machine it runs on) and MKL's runtime
+/// library (the `mkl` wheel's `.so.3`, older ones' `.so.2`). The first name of a family that
+/// opens stands for it; every family found is raced at start.
+pub const SEARCHED: &[&[&str]] = &[&["libopenblas.so.0", "libopenblas.so"], &["libmkl_rt.so.3", "libmkl_rt.so.2", "libmkl_rt.so"]];
 
 const ROW_MAJOR: c_int = 101;
 const NO_TRANS: c_int = 111;
@@ -35,24 +37,13 @@ pub struct Blas {
     /// Keeps the library mapped for as long as `sgemm` may be called.
     _library: Library,
     sgemm: Sgemm,
+    /// The name or path it was opened by.
+    pub name: String,
     /// What was opened, and what it says of itself where it can (OpenBLAS's build config).
     pub description: String,
 }
 
 impl Blas {
-    /// The first library of `names` that opens, has `cblas_sgemm` and computes a test product
-    /// right; the reasons the others did not, otherwise.
-    pub fn open_first(names: &[&str]) -> Result<Blas, String> {
-        let mut reasons = Vec::new();
-        for name in names {
-            match Blas::open(name) {
-                Ok(blas) => return Ok(blas),
-                Err(reason) => reasons.push(reason),
-            }
-        }
-        Err(reasons.join("; "))
-    }
-
     pub fn open(name: &str) -> Result<Blas, String> {
         // SAFETY: opening a shared library runs its initializers; a BLAS library's only set up
         // its own state.
@@ -89,7 +80,7 @@ impl Blas {
                 set(1);
             }
         }
-        let blas = Blas { _library: library, sgemm, description };
+        let blas = Blas { _library: library, sgemm, name: name.to_string(), description };
         blas.check().map_err(|e| format!("{name}: {e}"))?;
         Ok(blas)
     }

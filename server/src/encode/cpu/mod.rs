@@ -59,8 +59,8 @@ pub fn selected() -> Kernels {
 
 /// Selects the kernels for the whole process and says what was chosen and why, for the log.
 /// `library` names the BLAS library to open (a file name the dynamic loader finds, or a
-/// path); empty tries [`SEARCHED`] in order. `blas` fails when no library can be used; `auto`
-/// falls back to `fused`.
+/// path); empty looks for each family of [`SEARCHED`] and races those found. `blas` fails
+/// when no library can be used; `auto` falls back to `fused`.
 pub fn select(spec: KernelsSpec, library: &str) -> Result<String, String> {
     let (kernels, why) = resolve(spec, library)?;
     *SELECTED.write() = Some(kernels);
@@ -76,41 +76,102 @@ pub fn select(spec: KernelsSpec, library: &str) -> Result<String, String> {
 }
 
 fn resolve(spec: KernelsSpec, library: &str) -> Result<(Kernels, String), String> {
-    Ok(match spec {
-        KernelsSpec::Candle => (Kernels::Candle, String::new()),
-        KernelsSpec::Fused => (Kernels::Fused, String::new()),
-        KernelsSpec::Blas => (Kernels::Blas(open_library(library).map_err(|e| format!("no BLAS library could be used: {e}"))?), String::new()),
-        KernelsSpec::Auto => match open_library(library) {
-            Ok(blas) => {
-                // The library's kernels for this processor against the gemm crate's, raced on a
-                // dense layer's product: a library that does not know the processor (an old
-                // OpenBLAS on a newer core) falls back to slower kernels than the gemm crate's.
-                let (with_blas, with_gemm) = race(blas);
-                let (kernels, verdict) = if with_blas >= with_gemm { (Kernels::Blas(blas), "auto") } else { (Kernels::Fused, "auto, BLAS library slower here") };
-                (kernels, format!(" ({verdict}: {with_blas:.0} GFLOP/s against {with_gemm:.0} for the built-in kernels)"))
-            }
-            Err(e) => (Kernels::Fused, format!(" (auto: no BLAS library could be used: {e})")),
+    let (libraries, auto) = match spec {
+        KernelsSpec::Candle => return Ok((Kernels::Candle, String::new())),
+        KernelsSpec::Fused => return Ok((Kernels::Fused, String::new())),
+        KernelsSpec::Blas => (open_libraries(library).map_err(|e| format!("no BLAS library could be used: {e}"))?, false),
+        KernelsSpec::Auto => match open_libraries(library) {
+            Ok(libraries) => (libraries, true),
+            Err(e) => return Ok((Kernels::Fused, format!(" (auto: no BLAS library could be used: {e})"))),
         },
-    })
+    };
+    // Every library found, and under `auto` the gemm crate, raced on the products a forward
+    // pass makes: a library that does not know the processor (an old OpenBLAS on a newer
+    // core) falls back to slower kernels than the gemm crate's, and which library is fastest
+    // depends on the processor (MKL on Intel's, OpenBLAS on some AMD ones).
+    let mut entrants: Vec<Kernels> = libraries.into_iter().map(Kernels::Blas).collect();
+    if auto {
+        entrants.push(Kernels::Fused);
+    }
+    if entrants.len() == 1 {
+        return Ok((entrants[0], String::new()));
+    }
+    let rates = race(&entrants);
+    let best = (0..entrants.len()).max_by(|&a, &b| rates[a].total_cmp(&rates[b])).expect("at least two entrants");
+    let others: Vec<String> = (0..entrants.len())
+        .filter(|&i| i != best)
+        .map(|i| {
+            let who = match entrants[i] {
+                Kernels::Blas(blas) => blas.name.clone(),
+                _ => "the built-in kernels".to_string(),
+            };
+            format!("{:.0} for {who}", rates[i])
+        })
+        .collect();
+    let verdict = match (auto, entrants[best]) {
+        (true, Kernels::Fused) => "auto, BLAS slower here",
+        (true, _) => "auto",
+        (false, _) => "fastest library",
+    };
+    Ok((entrants[best], format!(" ({verdict}: {:.0} GFLOP/s against {})", rates[best], others.join(", "))))
 }
 
-/// GFLOP/s of a dense layer's product (512 tokens through a 384 -> 1536 layer, MiniLM's
-/// largest) with the library and with the gemm crate, the best of five each, interleaved.
-fn race(blas: &'static Blas) -> (f64, f64) {
-    let (m, n, k) = (512, 1536, 384);
-    let x: Vec<f32> = (0..m * k).map(|i| (i % 17) as f32 / 17.0 - 0.5).collect();
-    let w: Vec<f32> = (0..n * k).map(|i| (i % 13) as f32 / 13.0 - 0.5).collect();
-    let mut out = vec![0f32; m * n];
-    let flops = 2.0 * (m * n * k) as f64;
-    let (mut best_blas, mut best_gemm) = (f64::MAX, f64::MAX);
-    for _ in 0..5 {
-        for (kernels, best) in [(Kernels::Blas(blas), &mut best_blas), (Kernels::Fused, &mut best_gemm)] {
+/// GFLOP/s of each entrant on the products of a MiniLM-sized layer: its four dense layers
+/// (384 -> 1152, 384 -> 384, 384 -> 1536, 1536 -> 384) on 256 tokens, rows split across the
+/// threads as a forward pass splits them, and attention's (scores and weighted values) for 32
+/// (sequence, head) units of 64 tokens and 32-wide heads, one thread each. One round to warm
+/// up (first-call set-up, the library's buffers), then the best of five, interleaved.
+fn race(entrants: &[Kernels]) -> Vec<f64> {
+    let m = 256;
+    let shapes = [(1152, 384), (384, 384), (1536, 384), (384, 1536)];
+    let values = |len: usize, modulus: usize| -> Vec<f32> { (0..len).map(|i| (i % modulus) as f32 / modulus as f32 - 0.5).collect() };
+    let x = values(m * 1536, 17);
+    let weights: Vec<Vec<f32>> = shapes.iter().map(|&(n, k)| values(n * k, 13)).collect();
+    let mut out = vec![0f32; m * 1536];
+    let (len, d, units) = (64, 32, 32);
+    let q = values(len * d, 11);
+    let mut scores = vec![vec![0f32; len * len]; units];
+    let mut context = vec![vec![0f32; len * d]; units];
+    let flops = shapes.iter().map(|&(n, k)| 2.0 * (m * n * k) as f64).sum::<f64>() + units as f64 * 2.0 * 2.0 * (len * len * d) as f64;
+    let mut best = vec![f64::MAX; entrants.len()];
+    for round in 0..6 {
+        for (kernels, best) in entrants.iter().zip(best.iter_mut()) {
             let started = std::time::Instant::now();
-            gemm_nt_rows(kernels, m, n, k, &x, &w, &mut out, false);
-            *best = best.min(started.elapsed().as_secs_f64());
+            for (&(n, k), w) in shapes.iter().zip(&weights) {
+                gemm_nt_rows(*kernels, m, n, k, &x[..m * k], w, &mut out[..m * n], false);
+            }
+            scores.par_iter_mut().zip(context.par_iter_mut()).for_each(|(s, c)| {
+                gemm_nt_single(*kernels, len, len, d, 0.125, &q, d, &q, d, s, len);
+                // SAFETY: `c` holds the whole (len, d) output and belongs to this unit alone.
+                unsafe { gemm_nn_single(*kernels, len, d, len, s, len, &q, d, c.as_mut_ptr(), d) };
+            });
+            if round > 0 {
+                *best = best.min(started.elapsed().as_secs_f64());
+            }
         }
     }
-    (flops / best_blas / 1e9, flops / best_gemm / 1e9)
+    best.iter().map(|t| flops / t / 1e9).collect()
+}
+
+/// The libraries to race: the one named, else the first of each family of [`SEARCHED`] that
+/// opens; the reasons none could be used, otherwise.
+fn open_libraries(name: &str) -> Result<Vec<&'static Blas>, String> {
+    if !name.is_empty() {
+        return open_library(name).map(|blas| vec![blas]);
+    }
+    let (mut found, mut reasons) = (Vec::new(), Vec::new());
+    for family in SEARCHED {
+        for name in *family {
+            match open_library(name) {
+                Ok(blas) => {
+                    found.push(blas);
+                    break;
+                }
+                Err(reason) => reasons.push(reason),
+            }
+        }
+    }
+    if found.is_empty() { Err(reasons.join("; ")) } else { Ok(found) }
 }
 
 /// Libraries stay loaded for the life of the process: each is opened once.
@@ -120,10 +181,14 @@ fn open_library(name: &str) -> Result<&'static Blas, String> {
     if let Some((_, blas)) = opened.iter().find(|(n, _)| n == name) {
         return Ok(blas);
     }
-    let blas = if name.is_empty() { Blas::open_first(SEARCHED)? } else { Blas::open(name)? };
-    let blas: &'static Blas = Box::leak(Box::new(blas));
+    let blas: &'static Blas = Box::leak(Box::new(Blas::open(name)?));
     opened.push((name.to_string(), blas));
     Ok(blas)
+}
+
+/// The libraries of [`SEARCHED`] that this machine can use, one per family, by name.
+pub fn libraries_found() -> Vec<String> {
+    open_libraries("").map(|found| found.into_iter().map(|blas| blas.name.clone()).collect()).unwrap_or_default()
 }
 
 /// The processor's model name and the vector features that matter here.

@@ -10,12 +10,20 @@ use crate::encode::{BatchConfig, Encoder, Reranker};
 
 const CFG: BatchConfig = BatchConfig { token_budget: 32 * 256, max_batch_texts: 32, queue_capacity: 64 };
 
-/// The choices this machine runs: `blas` only where a library opens.
-fn choices() -> Vec<KernelsSpec> {
-    let mut out = vec![KernelsSpec::Candle, KernelsSpec::Fused];
-    if select(KernelsSpec::Blas, "").is_ok() {
-        out.push(KernelsSpec::Blas);
+/// One choice of kernels: `blas` once per library this machine has.
+#[derive(Debug, Clone, Copy, PartialEq)]
+struct Choice(KernelsSpec, &'static str);
+
+impl Choice {
+    fn select(self) {
+        select(self.0, self.1).unwrap();
     }
+}
+
+/// The choices this machine runs: `blas` with each library found (OpenBLAS, MKL).
+fn choices() -> Vec<Choice> {
+    let mut out = vec![Choice(KernelsSpec::Candle, ""), Choice(KernelsSpec::Fused, "")];
+    out.extend(libraries_found().into_iter().map(|name| Choice(KernelsSpec::Blas, String::leak(name))));
     out
 }
 
@@ -46,7 +54,7 @@ async fn every_choice_gives_candles_embeddings_on_cranfield() {
     texts.push("boundary layer".into());
     let mut reference: Option<Vec<Vec<f32>>> = None;
     for choice in choices() {
-        select(choice, "").unwrap();
+        choice.select();
         let enc = Encoder::load(&real_model_dir(), 0, CFG).unwrap();
         let vectors = enc.encode(texts.clone()).await.unwrap();
         match &reference {
@@ -69,7 +77,7 @@ async fn every_choice_gives_candles_cross_encoder_probabilities() {
     let pairs: Vec<(String, String)> = texts.iter().skip(1).map(|d| (texts[0].clone(), d.clone())).collect();
     let mut reference: Option<Vec<f32>> = None;
     for choice in choices() {
-        select(choice, "").unwrap();
+        choice.select();
         let reranker = Reranker::load(dir.path(), 256, CFG).unwrap();
         let scores = reranker.score(pairs.clone()).await.unwrap();
         match &reference {
@@ -102,7 +110,7 @@ fn values(len: usize, seed: usize) -> Vec<f32> {
 fn dense_layers_match_the_plain_product() {
     // One row (a query), a row count that splits unevenly, and one past the split threshold.
     for choice in choices() {
-        select(choice, "").unwrap();
+        choice.select();
         for (m, n, k) in [(1, 7, 5), (3, 33, 17), (257, 96, 64)] {
             let (x, w, b, r) = (values(m * k, 1), values(n * k, 2), values(n, 3), values(m * n, 4));
             let xt = Tensor::from_slice(&x, (m, k), &Device::Cpu).unwrap();
@@ -190,8 +198,8 @@ fn fused_attention_matches_the_formula_on_packed_sequences() {
     let tokens: usize = lens.iter().sum();
     let qkv = values(tokens * 3 * heads * d, 5);
     let want = attention_reference(&qkv, &lens, heads, d, Variant::default());
-    for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
-        select(choice, "").unwrap();
+    for choice in choices().into_iter().filter(|c| c.0 != KernelsSpec::Candle) {
+        choice.select();
         let qkv_t = Tensor::from_slice(&qkv, (tokens, 3 * heads * d), &Device::Cpu).unwrap();
         let got = attention::attention(&qkv_t, &lens, heads, d).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
         let diff = max_abs_diff(&got, &want);
@@ -218,8 +226,8 @@ fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
         let width = (heads + 2 * variant.kv_heads.unwrap_or(heads)) * d;
         let qkv = values(tokens * width, 7);
         let want = attention_reference(&qkv, &lens, heads, d, variant);
-        for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
-            select(choice, "").unwrap();
+        for choice in choices().into_iter().filter(|c| c.0 != KernelsSpec::Candle) {
+            choice.select();
             for block_rows in [4, attention::BLOCK_ROWS] {
                 let options = attention::Options {
                     rotary: variant.theta.map(|_| &rotary),
@@ -266,8 +274,8 @@ fn body_matches_candle_with_any_mask(fixture: &str, model_type: &str, vocab: u32
         select(KernelsSpec::Candle, "").unwrap();
         let keep = mask.to_dtype(candle_core::DType::F32).unwrap().unsqueeze(2).unwrap();
         let want = body.forward(&ids, &types, &mask).unwrap().broadcast_mul(&keep).unwrap();
-        for choice in choices().into_iter().filter(|c| *c != KernelsSpec::Candle) {
-            select(choice, "").unwrap();
+        for choice in choices().into_iter().filter(|c| c.0 != KernelsSpec::Candle) {
+            choice.select();
             let got = body.forward(&ids, &types, &mask).unwrap().broadcast_mul(&keep).unwrap();
             let diff = (&got - &want).unwrap().abs().unwrap().max_all().unwrap().to_scalar::<f32>().unwrap();
             assert!(diff < 1e-4, "{fixture}, {choice:?}: max |difference| {diff} at unmasked positions");
@@ -299,9 +307,16 @@ fn a_library_that_cannot_be_used_is_named() {
     assert!(line.contains("fused") && line.contains("libnothing"), "{line}");
     assert!(matches!(selected(), Kernels::Fused));
     assert!(KernelsSpec::parse("mkl").unwrap_err().contains("\"auto\""));
-    // With a library, auto races it against the built-in kernels and says how it went.
-    if select(KernelsSpec::Blas, "").is_ok() {
+    // With libraries, auto races each one found against the others and the built-in kernels
+    // and says how it went; `blas` takes the fastest library.
+    let found = libraries_found();
+    if !found.is_empty() {
         let line = select(KernelsSpec::Auto, "").unwrap();
-        assert!(line.contains("GFLOP/s"), "{line}");
+        assert!(line.contains("GFLOP/s") && (line.contains("for the built-in kernels") || line.contains("BLAS slower here")), "{line}");
+        for name in &found {
+            assert!(line.contains(name.as_str()), "{name} not in {line}");
+        }
+        select(KernelsSpec::Blas, "").unwrap();
+        assert!(matches!(selected(), Kernels::Blas(blas) if found.contains(&blas.name)));
     }
 }
