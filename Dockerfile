@@ -42,18 +42,33 @@ RUN HARDNEG_CUDA_HOME=/usr/local/cuda CUDA_COMPUTE_CAP=${CUDA_COMPUTE_CAP} scrip
  && strip -o /out/hardneg-server target/cuda/bin/hardneg-server \
  && strip -o /out/hardneg target/cuda/bin/hardneg
 
-# OpenBLAS (processor-dispatching build): the CPU kernels' matrix products (encoder.cpu_kernels).
+# MKL's runtime library, from its wheel on PyPI (scripts/fetch-mkl; about 440 MB): the server
+# races it against OpenBLAS at start and keeps the faster (MKL on Intel's processors).
+# --build-arg WITH_MKL=0 leaves it out.
+FROM python:3.11-slim-bookworm AS mkl
+ARG WITH_MKL=1
+COPY scripts/fetch-mkl /usr/local/bin/fetch-mkl
+RUN mkdir -p /opt/mkl \
+ && if [ "$WITH_MKL" = 1 ]; then fetch-mkl /opt/mkl; fi
+
+# OpenBLAS (processor-dispatching build) and MKL: the CPU kernels' matrix products
+# (encoder.cpu_kernels), both on the dynamic loader's path.
 FROM debian:bookworm-slim AS runtime-cpu
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libopenblas0-pthread \
  && rm -rf /var/lib/apt/lists/*
+COPY --from=mkl /opt/mkl /usr/local/lib/hardneg-mkl
+RUN echo /usr/local/lib/hardneg-mkl > /etc/ld.so.conf.d/hardneg-mkl.conf && ldconfig
 
 # cuBLAS comes with the runtime image, libcuda with the host's driver (NVIDIA Container
-# Toolkit); the server opens them when a model is on a CUDA device.
+# Toolkit); the server opens them when a model is on a CUDA device. OpenBLAS and MKL serve a
+# model left on the CPU.
 FROM nvidia/cuda:${CUDA_VERSION}-runtime-ubuntu24.04 AS runtime-cuda
 RUN apt-get update \
  && apt-get install -y --no-install-recommends ca-certificates libopenblas0-pthread \
  && rm -rf /var/lib/apt/lists/*
+COPY --from=mkl /opt/mkl /usr/local/lib/hardneg-mkl
+RUN echo /usr/local/lib/hardneg-mkl > /etc/ld.so.conf.d/hardneg-mkl.conf && ldconfig
 ENV NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
 

@@ -359,6 +359,11 @@ def run_hardneg(col: dict, args: argparse.Namespace) -> dict:
     addr = f"http://127.0.0.1:{port}"
     env = dict(os.environ, HARDNEG_ADDR=addr)
     env.pop("HARDNEG_TOKEN", None)
+    # MKL's runtime library where scripts/fetch-mkl put it, on the loader's path as scripts/run
+    # and the Docker image have it: the server races it against OpenBLAS.
+    mkl = ROOT / "lib" / "mkl"
+    if (mkl / "libmkl_rt.so.3").is_file():
+        env["LD_LIBRARY_PATH"] = os.pathsep.join(p for p in (str(mkl), env.get("LD_LIBRARY_PATH", "")) if p)
     # Same truncation and at most the same texts per model batch as sentence-transformers; the
     # token budget lets a batch of `batch_size` texts at full length through.
     env["HARDNEG__ENCODER__MAX_TOKENS"] = str(args.max_seq_length)

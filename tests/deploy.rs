@@ -119,6 +119,10 @@ fn compose_prometheus_and_dockerfile_agree() {
     // Both runtimes carry OpenBLAS, which encoder.cpu_kernels "auto" opens.
     let installs_openblas = dockerfile.matches("ca-certificates libopenblas0-pthread").count();
     assert_eq!(installs_openblas, 2, "libopenblas0-pthread in runtime-cpu and runtime-cuda");
+    // And MKL from its wheel, through the script that fetches it, on the loader's path.
+    assert!(dockerfile.contains("COPY scripts/fetch-mkl") && dockerfile.contains("fetch-mkl /opt/mkl") && root().join("scripts/fetch-mkl").is_file());
+    assert_eq!(dockerfile.matches("COPY --from=mkl /opt/mkl /usr/local/lib/hardneg-mkl").count(), 2, "MKL in runtime-cpu and runtime-cuda");
+    assert_eq!(dockerfile.matches("/etc/ld.so.conf.d/hardneg-mkl.conf && ldconfig").count(), 2);
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
