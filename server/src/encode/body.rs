@@ -8,7 +8,6 @@
 use candle_core::{CpuStorage, CustomOp1, DType, Device, Layout, Module, Result, Shape, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
 use candle_transformers::models::bert::{Config, HiddenAct};
-use rayon::prelude::*;
 
 use super::cpu::{self, dense::Dense, packed::Packed};
 
@@ -186,10 +185,8 @@ impl CustomOp1 for FastGeluErf {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = cpu::contiguous_f32(storage, layout, "fast-gelu-erf", "the input")?;
-        let mut out = vec![0f32; input.len()];
-        let threads = rayon::current_num_threads().max(1);
-        let chunk = input.len().div_ceil(threads).max(4096);
-        input.par_chunks(chunk).zip(out.par_chunks_mut(chunk)).for_each(|(src, dst)| cpu::simd::gelu_erf(src, dst));
+        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
+        let out = cpu::par_rows(input.len() / width, width, |first, dst| cpu::simd::gelu_erf(&input[first * width..][..dst.len()], dst));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }

@@ -92,14 +92,13 @@ impl DenseOp<'_> {
         {
             candle_core::bail!("dense layer: residual of {} values for ({m}, {n}) outputs", r.len());
         }
-        // What the product is added to, written in one pass.
-        let mut out = Vec::with_capacity(m * n);
-        match (self.bias, residual) {
-            (Some(b), Some(r)) => r.chunks_exact(n).for_each(|row| out.extend(row.iter().zip(b).map(|(r, b)| r + b))),
-            (None, Some(r)) => out.extend_from_slice(r),
-            (Some(b), None) => (0..m).for_each(|_| out.extend_from_slice(b)),
-            (None, None) => out.resize(m * n, 0.0),
-        }
+        // What the product is added to, written in one pass across the threads.
+        let mut out = super::par_rows(m, n, |first, dst| match (self.bias, residual) {
+            (Some(b), Some(r)) => dst.chunks_exact_mut(n).zip(r[first * n..].chunks_exact(n)).for_each(|(o, r)| o.iter_mut().zip(r.iter().zip(b)).for_each(|(o, (r, b))| *o = r + b)),
+            (None, Some(r)) => dst.copy_from_slice(&r[first * n..][..dst.len()]),
+            (Some(b), None) => dst.chunks_exact_mut(n).for_each(|o| o.copy_from_slice(b)),
+            (None, None) => {}
+        });
         let accumulate = self.bias.is_some() || residual.is_some();
         super::gemm_nt_rows(self.kernels, m, n, k, x, w, &mut out, accumulate);
         Ok((CpuStorage::F32(out), Shape::from((m, n))))

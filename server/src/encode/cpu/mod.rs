@@ -269,13 +269,34 @@ impl CustomOp1 for Gated {
             Gate::Silu => simd::swiglu_rows,
         };
         let rows = input.len() / (2 * width);
-        let mut out = vec![0f32; rows * width];
-        let per_chunk = rows.div_ceil(rayon::current_num_threads().max(1)).max(4096usize.div_ceil(width));
-        input.par_chunks(per_chunk * 2 * width).zip(out.par_chunks_mut(per_chunk * width)).for_each(|(src, dst)| kernel(src, dst, width));
+        let out = par_rows(rows, width, |first, dst| kernel(&input[first * 2 * width..][..2 * dst.len()], dst, width));
         let mut out_dims = dims.to_vec();
         *out_dims.last_mut().expect("checked above") = width;
         Ok((CpuStorage::F32(out), Shape::from(out_dims)))
     }
+}
+
+/// A (rows, width) matrix that `fill(first_row, chunk)` writes, chunk by chunk of whole rows,
+/// across the thread pool. Each chunk (about 64 KB) is zeroed just before it is filled, while
+/// it is in cache, so the vector never holds uninitialized floats, yet the calling thread
+/// makes no serial pass over the whole output first (as `vec![0.0; len]` does, on one core
+/// while the other waits).
+pub(crate) fn par_rows(rows: usize, width: usize, fill: impl Fn(usize, &mut [f32]) + Sync) -> Vec<f32> {
+    let len = rows * width;
+    if len == 0 {
+        return Vec::new();
+    }
+    let per_chunk = (16384 / width).max(1);
+    let mut out: Vec<f32> = Vec::with_capacity(len);
+    out.spare_capacity_mut()[..len].par_chunks_mut(per_chunk * width).enumerate().for_each(|(i, chunk)| {
+        chunk.fill(std::mem::MaybeUninit::new(0.0));
+        // SAFETY: every element of the chunk was initialized on the line above.
+        let chunk = unsafe { &mut *(chunk as *mut [std::mem::MaybeUninit<f32>] as *mut [f32]) };
+        fill(i * per_chunk, chunk);
+    });
+    // SAFETY: the chunks cover all `len` elements, each initialized above.
+    unsafe { out.set_len(len) };
+    out
 }
 
 /// Products this small run on one thread: splitting costs more than it saves.

@@ -320,3 +320,18 @@ fn a_library_that_cannot_be_used_is_named() {
         assert!(matches!(selected(), Kernels::Blas(blas) if found.contains(&blas.name)));
     }
 }
+
+#[test]
+fn par_rows_gives_each_row_to_exactly_one_fill() {
+    // Rows narrower than a chunk (many per chunk, the last chunk short), wider than one, none.
+    for (rows, width) in [(1000usize, 7usize), (3, 20000), (0, 5), (5, 0)] {
+        let out = par_rows(rows, width, |first, dst| {
+            assert_eq!(dst.len() % width, 0);
+            for (i, v) in dst.iter_mut().enumerate() {
+                *v += (first * width + i) as f32;
+            }
+        });
+        assert_eq!(out.len(), rows * width);
+        assert!(out.iter().enumerate().all(|(i, &v)| v == i as f32), "({rows}, {width})");
+    }
+}
