@@ -21,7 +21,9 @@ Then the models' speed side by side, in the same run: sentence-transformers' `en
 corpus and on the queries (32 per call) against hardneg's ingest and `Mine`'s `encode_seconds`,
 and sentence-transformers' `CrossEncoder` against hardneg's reranker on the same (query,
 document) pairs (the model's body under a one-label head drawn from a fixed seed), with the
-processor's `lscpu` name and vector flags and the CPU kernels the server logged.
+processor's `lscpu` name and vector flags and the CPU kernels the server logged. MKL's runtime
+library, where scripts/fetch-mkl put it (lib/mkl), goes on the server's loader path, as
+scripts/run and the Docker image have it, so that the server races it against OpenBLAS.
 
 Prints a table per collection and writes all numbers as JSON (--json).
 """
