@@ -185,8 +185,8 @@ impl CustomOp1 for FastGeluErf {
 
     fn cpu_fwd(&self, storage: &CpuStorage, layout: &Layout) -> Result<(CpuStorage, Shape)> {
         let input = cpu::contiguous_f32(storage, layout, "fast-gelu-erf", "the input")?;
-        let width = layout.shape().dims().last().copied().unwrap_or(1).max(1);
-        let out = cpu::par_rows(input.len() / width, width, |first, dst| cpu::simd::gelu_erf(&input[first * width..][..dst.len()], dst));
+        // Element-wise: rows of one value, chunked by par_rows.
+        let out = cpu::par_rows(input.len(), 1, |first, dst| cpu::simd::gelu_erf(&input[first..][..dst.len()], dst));
         Ok((CpuStorage::F32(out), layout.shape().clone()))
     }
 }
