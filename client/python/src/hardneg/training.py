@@ -85,7 +85,9 @@ def _all_ok(ok: bool, what: str) -> None:
     rank, world = _rank()
     if world == 1:
         return
-    flags = torch.tensor([1 if ok else 0], dtype=torch.int64)
+    # NCCL reduces CUDA tensors only; gloo (CPU) takes CPU tensors.
+    device = torch.device("cuda", torch.cuda.current_device()) if torch.distributed.get_backend() == "nccl" else torch.device("cpu")
+    flags = torch.tensor([1 if ok else 0], dtype=torch.int64, device=device)
     torch.distributed.all_reduce(flags, op=torch.distributed.ReduceOp.MIN)
     if not ok:
         return  # the caller re-raises its own exception
@@ -192,6 +194,7 @@ def index_corpus(
     encoder_name: str = "step-0",
     batch_size: int = 64,
     metric: str = "cosine",
+    vectors: Any = None,
 ) -> pb.CollectionInfo:
     """Creates ``collection`` holding ``corpus``, ready for :class:`MiningCollator`.
 
@@ -204,8 +207,11 @@ def index_corpus(
     uploads its shard of the corpus (rank r: documents r, r + world, ...), and all return
     together. An existing collection with the same number of documents is reused (with
     ``model``: its index is rebuilt from this model's vectors, as a refresh); one with another
-    count is an error.
+    count is an error. ``vectors`` (a ``(len(corpus), dims)`` matrix in corpus order) are the
+    model's document vectors when the caller has them already: they are used as they are.
     """
+    if vectors is not None and (model is None or len(vectors) != len(corpus)):
+        raise ValueError(f"vectors: one row per corpus document ({len(corpus)}) and the model they come from are needed")
     rank, world = _rank()
     existing: Optional[pb.CollectionInfo] = None
     ok = False
@@ -236,11 +242,11 @@ def index_corpus(
             if existing is None:
                 miner.ingest(collection, list(zip(ids, texts)))
         else:
-            vectors = _encode(model, texts, "document", batch_size)
+            shard = vectors[rank::world] if vectors is not None else _encode(model, texts, "document", batch_size)
             if existing is None:
-                miner.ingest_vectors(collection, ids, vectors, texts)
+                miner.ingest_vectors(collection, ids, shard, texts)
             else:
-                miner.upload_vectors(collection, encoder_name, ids, vectors)
+                miner.upload_vectors(collection, encoder_name, ids, shard)
         ok = True
     finally:
         _all_ok(ok, f"uploading the corpus to {collection!r}")
