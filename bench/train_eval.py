@@ -1,90 +1,65 @@
 #!/usr/bin/env python3
-"""Fine-tune all-MiniLM-L6-v2 with each way of getting negatives and measure held-out retrieval.
+"""Fine-tune a sentence-transformers model with each way of getting negatives, through the
+library's own Trainer, and measure held-out retrieval.
 
-For each BEIR-format collection folder (corpus.jsonl, queries.jsonl, qrels/test.tsv):
+For each BEIR-format collection folder (corpus.jsonl, queries.jsonl, qrels/):
 
-Split. The judged queries (those with at least one judged-relevant document, score > 0: the
-queries of `hardneg eval`) are ordered by the SHA-256 hex digest of their query id (UTF-8), ties
-impossible; the first floor(n/2) are the train half, the rest the test half. The rule depends
-only on the ids, not on file order or on a random state (Cranfield: 112 train / 113 test of 225
-judged queries; CISI: 38 / 38 of 76).
+Split. With qrels/train.tsv, the model trains on it and is evaluated on qrels/test.tsv: one
+(anchor, positive) pair per judged-relevant (query, document) line of train.tsv (score > 0),
+so a query with several relevant documents has several rows (and, for every miner, several
+positives). Without a training split, the judged queries of test.tsv are ordered by the
+SHA-256 hex digest of their id; the first floor(n/2) train (one pair each, its highest-scored
+document; its other judged documents are hidden from every miner, so a negative that is one of
+them is a leak) and the rest are evaluated.
 
-Training data: one (query, positive) pair per train query; the positive is the query's
-highest-scored judged document (ties: first in the qrels file), as `hardneg eval` and
-bench/compare_st.py pick it. The query's other judged-relevant documents are hidden from every
-miner: they play the unlabeled positives a real training set has, and a negative that is one of
-them is a leak (a false negative).
-
-Rows (same model, hyper-parameters, seeds and batch order for rows 1-6; only the negatives
-differ):
+Rows (the same model, hyper-parameters and seeds; only the negatives differ). Every trained
+row is sentence-transformers' SentenceTransformerTrainer with MultipleNegativesRankingLoss and
+the NO_DUPLICATES batch sampler; nothing here trains or computes a loss itself:
   0  the base model, untrained (evaluated once: it has no seed)
-  1  no mined negatives: in-batch negatives only
-  2  sentence-transformers `mine_hard_negatives`, top-n of ranks [0, 30), base model
+  1  the pairs alone: in-batch negatives only
+  2  sentence-transformers `mine_hard_negatives` (base model), top-n of ranks [0, 30), n-tuple
   3  the same with relative_margin 0.05
-  4  hardneg, preset denoised (PRESET_DENOISED), mined once with the base model (offline),
-     ranks [0, 30), requests of 32 train queries in split order (as `hardneg mine` sends them)
-  5  hardneg online, preset denoised: every batch mined through `Miner.mine_stream` with query
-     vectors from the model being trained; every --refresh-every steps the index is rebuilt
-     from the corpus encoded by that model (`Miner.refresh_vectors`), and the following batches
-     ask for that generation (min_generation)
-  6  row 5 with `sampling="ambiguous"` (SimANS; extra options with --simans-option KEY=VALUE).
-     A client or server that refuses the value fails the row with its message (the table says
-     FAILED, the script exits 1); nothing is skipped or faked.
-Rows 2-6 train on (anchor, positive, negative_1..n) tuples with n = --negatives; a query that
-got fewer than n negatives is left out of its batch, as sentence-transformers' n-tuple output
-and `hardneg.rows` do ("rows used" in the table).
+  4  hardneg `training.mine_hard_negatives` (base model), ranks [0, 30), preset denoised
+  5  hardneg online: `training.MiningTrainer` + `MiningCollator` (query vectors from the model
+     being trained, preset denoised, ranks [0, 30)), `RefreshCallback` every --refresh-every
+     steps (the model's document vectors uploaded and committed)
+  6  row 5 with sampling "ambiguous" (SimANS; more options with --simans-option KEY=VALUE)
+Offline rows (2-4) keep only the queries that got all n negatives (the library's n-tuple
+format), so they train on fewer rows ("rows used"); online rows keep every row and fill a
+missing negative with a random corpus document (the collator's default on_short="random").
+--row-option R:KEY=VALUE adds a MineOptions field to hardneg row R (4, 5 or 6).
 
-Training: a plain loop with sentence-transformers' MultipleNegativesRankingLoss (scale 20, cosine),
-AdamW, linear warmup over 10% of the steps then linear decay, gradient norm clipped at 1.0,
-dropout on. Batches are drawn from successive seeded shuffles of the train pairs (a query or a
-positive never twice in one batch), the same sequence for every row with the same seed.
+Evaluation: the test queries against the whole corpus (every non-empty document), exact
+cosine ranking (ties by corpus order). nDCG@10 with linear graded gains (as pytrec_eval /
+BEIR) and Recall@100 (relevant = score > 0). Mean and sample standard deviation over seeds.
+Train leak: the share of the negatives trained on that are judged relevant for their query.
 
-Evaluation: the test-half queries against the whole corpus (every non-empty document), exact
-cosine ranking (ties by corpus order). nDCG@10 with linear graded gains (gain = the qrels score,
-log2 discount, the ideal ranking from every judged-relevant document of the query, as
-pytrec_eval / BEIR compute it) and Recall@100 (relevant = score > 0; denominator = every
-judged-relevant document). Mean and sample standard deviation over the seeds. For rows with
-mined negatives, the leak rate: the share of the negatives used in training that are judged
-relevant for their query (every use counts; online rows: as mined at each step).
+Tuning without the test split: --holdout 0.2 holds out a fifth of the training queries
+(ordered by the SHA-256 of their id; a held-out query whose text is also a training query's is
+dropped) and evaluates on them; qrels/test.tsv is not read. Results go to their own files.
 
-Setup: the script makes sure its virtual environment exists (bench/compare_st.py's
-`ensure_venv`: bench/.venv from bench/requirements.txt) and that the hardneg Python client
-built from this checkout (client/python, proto/) is installed in it, then runs itself inside
-it. It starts its own hardneg server (--server; default target/release/hardneg-server, else
-target/debug) on a free loopback port with a temporary data directory, and stops it at the end.
-The corpus goes in through the Python client; by default (--ingest vectors) into a
-vectors-only collection, each document with the base model's vector: measured on a debug
-server build, the server encoding the corpus itself (--ingest server) took 10.8 s per 64
-Cranfield documents (about 4 minutes for the corpus) against under 1 s for the whole upload,
-and the base model's document vectors are computed here anyway (row 0's evaluation).
+Resumable: every finished (row, seed) is written to the results JSON at once, with the
+protocol and the row's own settings (its mining options, refresh cadence); a later run skips
+what was measured with the same settings and redoes a row whose settings changed. The
+server's presets are not part of the settings: after changing them, --redo 4,5,6. --fresh
+starts over. The mined datasets of rows 2-4 and the base model's vectors are cached beside
+the results.
 
-    python3 bench/train_eval.py --quick                        # smoke run on Cranfield
-    python3 bench/train_eval.py ../shared/datasets/cranfield   # the full table for one collection
-    python3 bench/train_eval.py --server target/release/hardneg-server \\
-        ../shared/datasets/cranfield ../shared/datasets/cisi
+Setup: the script makes its virtual environment (bench/.venv from bench/requirements.txt) and
+installs the hardneg client from this checkout into it, then runs itself there. It starts its
+own hardneg server (--server; default target/release/hardneg-server, else target/debug) on a
+free loopback port and stops it at the end.
 
-Defaults: 3 seeds (1, 2, 3); 32 steps of 16 train queries; 1 mined negative per query; lr 5e-5
-(the Hugging Face Trainer default), warmup 10%; max length 128 tokens for every text (training
-and evaluation); online rows refresh after steps 12 and 24 (--refresh-every 12) and keep 2
-batches in flight (--prefetch 2: a batch's query vectors and negatives are up to 2 steps older
-than the step that trains on it). --quick: 1 seed, 4 steps, a refresh after step 2; the rest
-unchanged (each trained model is still evaluated over the whole corpus).
+    python3 bench/train_eval.py ../shared/datasets/scifact              # the table (resumes)
+    python3 bench/train_eval.py --quick ../shared/datasets/scifact      # a 1-seed, 6-step smoke run
+    python3 bench/train_eval.py --rows 1,5 --seeds 1,2,3,4,5 ../shared/datasets/scifact
+    python3 bench/train_eval.py --holdout 0.2 --rows 3,5 --row-option 5:range_min=2 ../shared/datasets/scifact
 
-Time. Measured with --quick on 2 cores of an "Intel(R) Xeon(R) Processor" shared with a Rust
-build and test run (this benchmark got 33-38% of the cores, other processes the rest):
-Cranfield 488 s, CISI 403 s (rows 0-5; row 6 failed at its first batch). The script
-extrapolates its timings to the defaults (per row: mining once + per seed: evaluation +
-measured time per step x 32 + measured time per refresh x 2) and prints the estimate:
-Cranfield 51 min at that CPU share, about 19 min with the 2 cores to itself (scaled by the share
-it got); CISI 46 / 20 min. Per row on Cranfield, at the shared measurement (to itself: about
-a third): row 0 1 min, row 1 7 min, row 2 11 min, row 3 7 min, row 4 10 min, row 5 15 min, and
-row 6 about as much as row 5. The whole table for one collection: about 25 minutes on 2
-unshared cores, about 65 minutes when a build takes two thirds of them. OpenMP threads are
-set to wait passively (OMP_WAIT_POLICY=PASSIVE unless set): spinning waits made training steps
-4x slower while another job shared the cores.
-
-Writes a Markdown table and a JSON file of every number under bench/results/
-(train_eval.md / train_eval.json; --quick: train_eval-quick.*).
+Defaults: seeds 1, 2, 3; 1 epoch, batch 32, 1 negative per query, lr 5e-5 with 10% warmup then
+linear decay (the Trainer's), max length 128 tokens for every text in training and evaluation,
+online rows refresh every 10 steps with 2 batches in flight. The device is the GPU when torch
+sees one, else the CPU. Writes bench/results/train_eval-<collection>.{md,json} (--quick:
+train_eval-quick-<collection>).
 """
 from __future__ import annotations
 
@@ -95,7 +70,6 @@ import io
 import json
 import math
 import os
-import random
 import re
 import resource
 import shutil
@@ -108,25 +82,22 @@ import traceback
 from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parent))
-import compare_st as cst  # noqa: E402  (the venv, the collection reader, small helpers)
+import compare_st as cst  # noqa: E402  (the venv, small helpers)
 
 ROOT = cst.ROOT
 RESULTS = ROOT / "bench" / "results"
 
 RANGE_MIN, RANGE_MAX = 0, 30
 RELATIVE_MARGIN = 0.05
-OFFLINE_REQUEST_QUERIES = 32  # `hardneg mine --batch-size` default
-
-FULL = {"seeds": [1, 2, 3], "steps": 32, "refresh_every": 12}
-QUICK = {"seeds": [1], "steps": 4, "refresh_every": 2}
+QUICK = {"seeds": [1], "max_steps": 6, "refresh_every": 3}
 
 ROWS = {
     0: "base model, untrained",
     1: "in-batch negatives only",
     2: "sentence-transformers mine_hard_negatives, top-n of [0, 30)",
     3: "sentence-transformers mine_hard_negatives, relative_margin 0.05",
-    4: "hardneg preset denoised, offline (base model)",
-    5: "hardneg online, preset denoised, refresh every K",
+    4: "hardneg mine_hard_negatives, preset denoised (offline, base model)",
+    5: "hardneg online (MiningTrainer), preset denoised, refresh every K steps",
     6: "hardneg online, preset denoised, sampling ambiguous (SimANS)",
 }
 
@@ -136,40 +107,52 @@ ROWS = {
 
 def parse_args() -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    p.add_argument("datasets", nargs="*", type=Path, help="BEIR collection folders (default: $HARDNEG_DATASETS/cranfield)")
+    p.add_argument("datasets", nargs="*", type=Path, help="BEIR collection folders (default: $HARDNEG_DATASETS/scifact)")
     p.add_argument("--quick", action="store_true", help=f"smoke run: {QUICK}")
     p.add_argument("--server", type=Path, help="hardneg-server binary (default: target/release, else target/debug)")
     p.add_argument("--model", type=Path, default=ROOT / "models" / "all-MiniLM-L6-v2", help="model directory to fine-tune")
     p.add_argument("--rows", default="0,1,2,3,4,5,6", help="rows to run, e.g. 0,1,5")
-    p.add_argument("--seeds", help=f"comma-separated (default {FULL['seeds']}, --quick {QUICK['seeds']})")
-    p.add_argument("--steps", type=int, help=f"optimizer steps per run (default {FULL['steps']}, --quick {QUICK['steps']})")
-    p.add_argument("--refresh-every", type=int, help=f"online rows: steps between index refreshes (default {FULL['refresh_every']}, --quick {QUICK['refresh_every']})")
-    p.add_argument("--batch-size", type=int, default=16, help="train queries per step")
+    p.add_argument("--seeds", help="comma-separated (default 1,2,3; --quick 1)")
+    p.add_argument("--epochs", type=float, default=1.0, help="passes over the training pairs")
+    p.add_argument("--max-steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    p.add_argument("--batch-size", type=int, default=32, help="training pairs per step")
     p.add_argument("--negatives", type=int, default=1, help="mined negatives per query (rows 2-6)")
-    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (the Hugging Face Trainer default)")
+    p.add_argument("--lr", type=float, default=5e-5, help="peak learning rate (the Trainer's default)")
     p.add_argument("--warmup-ratio", type=float, default=0.1)
-    p.add_argument("--scale", type=float, default=20.0, help="MultipleNegativesRankingLoss scale (1 / temperature)")
+    p.add_argument("--scale", type=float, default=20.0, help="MultipleNegativesRankingLoss scale")
     p.add_argument("--max-seq-length", type=int, default=128, help="truncation for every text, in training and evaluation")
     p.add_argument("--encode-batch", type=int, default=64, help="texts per batch when encoding without gradients")
-    p.add_argument("--prefetch", type=int, default=2, help="online rows: batches in flight on the stream")
-    p.add_argument("--simans-option", action="append", default=[], metavar="KEY=VALUE", help="extra MineOptions field for row 6 (repeatable)")
-    p.add_argument("--ingest", choices=["vectors", "server"], default="vectors", help="how the corpus gets into hardneg (see the docstring)")
-    p.add_argument("--out", type=Path, help="output path without suffix (default bench/results/train_eval[-quick])")
+    p.add_argument("--refresh-every", type=int, help="online rows: steps between index refreshes (default 10; --quick 3)")
+    p.add_argument("--prefetch", type=int, default=2, help="online rows: batches in flight")
+    p.add_argument("--simans-option", action="append", default=[], metavar="KEY=VALUE", help="extra MineOptions field for row 6")
+    p.add_argument("--row-option", action="append", default=[], metavar="R:KEY=VALUE", help="extra MineOptions field for hardneg row R")
+    p.add_argument("--holdout", type=float, help="tune without the test split: hold out this share of the training queries "
+                   "(ordered by sha256 of their id) and evaluate on them; qrels/test.tsv is not read")
+    p.add_argument("--fresh", action="store_true", help="ignore every earlier result")
+    p.add_argument("--redo", default="", help="rows whose earlier results are dropped, e.g. 4,5,6 after a server preset changed")
+    p.add_argument("--out", type=Path, help="output path without suffix (default bench/results/train_eval[-quick]-<collection>)")
     p.add_argument("--setup-only", action="store_true", help="create the venv, install the client and exit")
     args = p.parse_args()
-    preset = QUICK if args.quick else FULL
-    args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else preset["seeds"]
-    args.steps = args.steps or preset["steps"]
-    args.refresh_every = args.refresh_every or preset["refresh_every"]
+    args.seeds = [int(s) for s in args.seeds.split(",")] if args.seeds else (QUICK["seeds"] if args.quick else [1, 2, 3])
+    if args.quick and args.max_steps is None:
+        args.max_steps = QUICK["max_steps"]
+    args.refresh_every = args.refresh_every or (QUICK["refresh_every"] if args.quick else 10)
     args.rows = sorted({int(r) for r in args.rows.split(",")})
+    args.redo = sorted({int(r) for r in args.redo.split(",") if r.strip()})
     if not set(args.rows) <= set(ROWS):
         p.error(f"--rows: rows are {sorted(ROWS)}")
-    args.simans = {}
+    args.options = {4: {}, 5: {}, 6: {"sampling": "ambiguous"}}
     for kv in args.simans_option:
-        key, _, value = kv.partition("=")
-        if not _:
+        key, eq, value = kv.partition("=")
+        if not eq:
             p.error(f"--simans-option {kv!r}: expected KEY=VALUE")
-        args.simans[key] = _literal(value)
+        args.options[6][key] = _literal(value)
+    for spec in args.row_option:
+        row, colon, kv = spec.partition(":")
+        key, eq, value = kv.partition("=")
+        if not colon or not eq or not row.isdigit() or int(row) not in args.options:
+            p.error(f"--row-option {spec!r}: expected R:KEY=VALUE with R in 4, 5, 6")
+        args.options[int(row)][key] = _literal(value)
     return args
 
 
@@ -237,50 +220,96 @@ def mean_sd(values: list) -> tuple:
 # ---------------------------------------------------------------- collection and split
 
 
-def load(folder: Path) -> dict:
-    """compare_st's collection (documents as hardneg ingests them, queries and positives as
-    `hardneg eval` picks them) plus the graded judgments and the train / test split."""
-    col = cst.load_collection(folder)
-    graded: dict = {}
-    with open(folder / "qrels" / "test.tsv", encoding="utf-8") as f:
+def read_qrels(path: Path) -> dict:
+    """Query id -> {document id: score} (the highest score when a pair repeats)."""
+    out: dict = {}
+    with open(path, encoding="utf-8") as f:
         for n, line in enumerate(f):
             fields = [x.strip() for x in line.rstrip("\n").split("\t")]
             if not line.strip() or (n == 0 and fields[0] == "query-id"):
                 continue
-            q, doc, score = fields
-            graded.setdefault(q, {})[doc] = max(float(score), graded.get(q, {}).get(doc, float("-inf")))
-    col["gains"] = {q: {d: s for d, s in docs.items() if s > 0} for q, docs in graded.items()}
-    ordered = sorted(col["queries"], key=lambda q: hashlib.sha256(q["id"].encode("utf-8")).hexdigest())
-    half = len(ordered) // 2
-    col["train"], col["test"] = ordered[:half], ordered[half:]
-    corpus_ids = set(col["text_of"])
-    col["relevant_outside_corpus"] = sum(1 for q in col["test"] for d in col["gains"][q["id"]] if d not in corpus_ids)
-    if len({q["text"] for q in col["train"]}) != len(col["train"]):
-        sys.exit(f"{col['name']}: two train queries share a text; sentence-transformers would merge them")
+            q, doc, score = fields[:3]
+            out.setdefault(q, {})[doc] = max(float(score), out.get(q, {}).get(doc, float("-inf")))
+    return out
+
+
+def load(folder: Path, holdout: float | None = None) -> dict:
+    """The corpus (as the server stores it: trimmed title, a space, the text), the training
+    pairs and the evaluation queries with their graded judgments. With ``holdout``, the last
+    share of the training queries (ordered by the SHA-256 of their id) are the evaluation
+    queries instead of the test split's, which is then not read."""
+    docs = []
+    for d in cst.read_jsonl(folder / "corpus.jsonl"):
+        title, text = (d.get("title") or "").strip(), d.get("text") or ""
+        if title or text.strip():
+            docs.append((str(d["_id"]), f"{title} {text}" if title else text))
+    text_of = dict(docs)
+    queries = {str(q["_id"]): q["text"] for q in cst.read_jsonl(folder / "queries.jsonl")}
+    col = {"name": folder.name, "folder": str(folder), "docs": docs, "text_of": text_of}
+    if holdout is not None:
+        if not (folder / "qrels" / "train.tsv").is_file() or not 0 < holdout < 1:
+            sys.exit(f"--holdout needs a collection with qrels/train.tsv and a share in (0, 1); got {folder}, {holdout}")
+        train = read_qrels(folder / "qrels" / "train.tsv")
+        ordered = sorted((q for q, j in train.items() if q in queries and any(s > 0 for s in j.values())),
+                         key=lambda q: hashlib.sha256(q.encode("utf-8")).hexdigest())
+        cut = len(ordered) - max(1, round(holdout * len(ordered)))
+        test = {q: train[q] for q in ordered[cut:]}
+        train = {q: train[q] for q in ordered[:cut]}
+        # A held-out query whose text is also a training query's would be seen in training.
+        seen = {queries[q] for q in train}
+        test = {q: j for q, j in test.items() if queries[q] not in seen}
+        col["split"] = (f"tuning split: {len(train)} training queries of qrels/train.tsv, {len(test)} held out "
+                        f"({holdout:g} by sha256 of the id; test.tsv not read)")
+    else:
+        test = read_qrels(folder / "qrels" / "test.tsv")
+    if holdout is not None:
+        pairs = [(q, doc) for q, judged in train.items() for doc, s in judged.items() if s > 0 and doc in text_of]
+        relevant = {q: {d for d, s in judged.items() if s > 0} for q, judged in train.items()}
+        test_ids = list(test)
+    elif (folder / "qrels" / "train.tsv").is_file():
+        train = read_qrels(folder / "qrels" / "train.tsv")
+        col["split"] = "qrels/train.tsv for training, qrels/test.tsv for evaluation"
+        pairs = [(q, doc) for q, judged in train.items() for doc, s in judged.items() if s > 0 and doc in text_of and q in queries]
+        relevant = {q: {d for d, s in judged.items() if s > 0} for q, judged in train.items()}
+        test_ids = [q for q, judged in test.items() if any(s > 0 for s in judged.values()) and q in queries]
+    else:
+        col["split"] = "judged queries of qrels/test.tsv ordered by sha256(query id); first floor(n/2) train, rest test"
+        judged = sorted((q for q, j in test.items() if any(s > 0 for s in j.values()) and q in queries),
+                        key=lambda q: hashlib.sha256(q.encode("utf-8")).hexdigest())
+        half = len(judged) // 2
+        pairs = []
+        for q in judged[:half]:
+            best = max((d for d, s in test[q].items() if s > 0 and d in text_of), key=lambda d: test[q][d], default=None)
+            if best is not None:
+                pairs.append((q, best))
+        relevant = {q: {d for d, s in test[q].items() if s > 0} for q in judged[:half]}
+        test_ids = judged[half:]
+    col["pairs"] = [{"qid": q, "anchor": queries[q], "positive_id": d, "positive": text_of[d]} for q, d in pairs]
+    col["relevant"] = relevant  # every judged-relevant document of a training query: a leak if mined
+    col["test"] = [{"id": q, "text": queries[q]} for q in test_ids]
+    col["gains"] = {q: {d: s for d, s in test[q].items() if s > 0} for q in test_ids}
+    col["relevant_outside_corpus"] = sum(1 for q in test_ids for d in col["gains"][q] if d not in text_of)
+    if not col["pairs"] or not col["test"]:
+        sys.exit(f"{folder}: no training pairs or no evaluation queries")
     return col
 
 
-# ---------------------------------------------------------------- models
+# ---------------------------------------------------------------- models and evaluation
 
 
 def load_model(args):
     from sentence_transformers import SentenceTransformer
 
     with contextlib.redirect_stderr(io.StringIO()):  # a weight-loading progress bar
-        model = SentenceTransformer(str(args.model), device="cpu")
+        model = SentenceTransformer(str(args.model), device=args.device)
     model.max_seq_length = args.max_seq_length
     return model
 
 
-def encode(model, texts: list, args):
-    """Unit-length embeddings without gradients (numpy float32)."""
-    import torch
-
-    was_training = model.training
-    model.eval()
-    with torch.no_grad():
-        out = model.encode(texts, batch_size=args.encode_batch, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
-    model.train(was_training)
+def encode(model, texts: list, args, kind: str = "document"):
+    fn = model.encode_query if kind == "query" else model.encode_document
+    out = fn(texts, batch_size=args.encode_batch, convert_to_numpy=True, normalize_embeddings=True, show_progress_bar=False)
+    model.train()
     return out
 
 
@@ -297,266 +326,339 @@ def evaluate(col: dict, doc_vectors, query_vectors) -> dict:
         gains = col["gains"][q["id"]]
         ndcg.append(ndcg_at_k(ranking, gains, 10))
         recall.append(recall_at_k(ranking, set(gains), 100))
-    return {"ndcg@10": statistics.fmean(ndcg), "recall@100": statistics.fmean(recall), "per_query_ndcg@10": ndcg}
+    return {"ndcg@10": statistics.fmean(ndcg), "recall@100": statistics.fmean(recall)}
 
 
 def evaluate_model(model, col: dict, args) -> dict:
     t = time.perf_counter()
     docs = encode(model, [text for _, text in col["docs"]], args)
-    queries = encode(model, [q["text"] for q in col["test"]], args)
-    out = evaluate(col, docs, queries)
-    out["eval_s"] = time.perf_counter() - t
-    return out
+    queries = encode(model, [q["text"] for q in col["test"]], args, "query")
+    return {**evaluate(col, docs, queries), "eval_s": time.perf_counter() - t}
 
 
-def batch_plan(n_train: int, col: dict, seed: int, batch_size: int, steps: int) -> list:
-    """`steps` batches of train-query indices taken in the order of successive seeded shuffles
-    of the train half; a query or a positive is never twice in one batch (a clashing query
-    waits, in order, for the next batch)."""
-    rng = random.Random(seed)
-    batch_size = min(batch_size, n_train)
-    upcoming: list = []
-    plan = []
-    while len(plan) < steps:
-        batch, queries, positives, j = [], set(), set(), 0
-        while len(batch) < batch_size and j <= 2 * n_train + batch_size:
-            while j >= len(upcoming):
-                epoch = list(range(n_train))
-                rng.shuffle(epoch)
-                upcoming += epoch
-            q = col["train"][upcoming[j]]
-            if q["id"] in queries or q["positive"] in positives:
-                j += 1
-                continue
-            batch.append(upcoming.pop(j))
-            queries.add(q["id"])
-            positives.add(q["positive"])
-        plan.append(batch)
-    return plan
+# ---------------------------------------------------------------- training (the library's Trainer)
 
 
-class LeakCounter:
-    def __init__(self):
-        self.negatives = self.leaks = self.rows_used = self.rows_asked = 0
+def trainer_args(args, seed: int, workdir: str):
+    from sentence_transformers import SentenceTransformerTrainingArguments
+    from sentence_transformers.base.sampler import BatchSamplers
 
-    def add(self, q: dict, negative_ids: list) -> None:
-        """negative_ids: one set of document ids per negative (a text may be several documents)."""
-        self.negatives += len(negative_ids)
-        self.leaks += sum(1 for ids in negative_ids if ids & q["hidden"])
+    return SentenceTransformerTrainingArguments(
+        output_dir=workdir,
+        num_train_epochs=args.epochs,
+        max_steps=args.max_steps or -1,
+        per_device_train_batch_size=args.batch_size,
+        learning_rate=args.lr,
+        warmup_steps=args.warmup_ratio,  # a float below 1: a share of the steps
+        lr_scheduler_type="linear",
+        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        seed=seed,
+        data_seed=seed,
+        use_cpu=args.device == "cpu",
+        report_to=[],
+        save_strategy="no",
+        logging_steps=5,
+        disable_tqdm=True,
+    )
 
-    def summary(self) -> dict:
-        return {
-            "negatives": self.negatives,
-            "leaks": self.leaks,
-            "leak_rate": self.leaks / self.negatives if self.negatives else None,
-            "rows_used": self.rows_used,
-            "rows_asked": self.rows_asked,
-            "yield": self.rows_used / self.rows_asked if self.rows_asked else None,
-        }
 
-
-def train(col: dict, args, seed: int, source) -> tuple:
-    """One fine-tuning run; `source.batches(model, plan)` yields (step, [(query, [negative
-    texts], [negative id sets])]) and `source.after_step(model, step)` may refresh an index."""
+def train_run(r: int, seed: int, col: dict, args, data, miner=None, collection=None, base_vectors=None) -> dict:
+    """One fine-tuning run of row r: the Trainer on `data` (pairs, or mined n-tuples)."""
     import torch
+    from sentence_transformers import SentenceTransformerTrainer
     from sentence_transformers.sentence_transformer.losses import MultipleNegativesRankingLoss
-    from transformers import get_linear_schedule_with_warmup
 
-    random.seed(seed)
+    import hardneg
+    from hardneg import training
+
     torch.manual_seed(seed)
     model = load_model(args)
-    model.train()
-    loss_fn = MultipleNegativesRankingLoss(model, scale=args.scale)
-    optimizer = torch.optim.AdamW(model.parameters(), lr=args.lr, fused=True)
-    scheduler = get_linear_schedule_with_warmup(optimizer, int(args.warmup_ratio * args.steps), args.steps)
-    plan = batch_plan(len(col["train"]), col, seed, args.batch_size, args.steps)
-    leaks = LeakCounter()
-    losses = []
-    t0 = time.perf_counter()
-    for step, rows in source.batches(model, plan):
-        leaks.rows_asked += len(plan[step])
-        leaks.rows_used += len(rows)
-        if len(rows) >= 2:  # a batch of one has nothing to contrast in-batch: skipped
-            for q, _, ids in rows:
-                leaks.add(q, ids)
-            columns = [[q["text"] for q, _, _ in rows], [col["text_of"][q["positive"]] for q, _, _ in rows]]
-            columns += [[negs[j] for _, negs, _ in rows] for j in range(len(rows[0][1]))]
-            model.train()
-            loss = loss_fn([model.preprocess(c) for c in columns], None)
-            optimizer.zero_grad()
-            loss.backward()
-            torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
-            optimizer.step()
-            losses.append(loss.item())
+    loss = MultipleNegativesRankingLoss(model, scale=args.scale)
+    workdir = tempfile.mkdtemp(prefix="train-eval-")
+    stats: dict = {}
+    t = time.perf_counter()
+    try:
+        if r in (5, 6):
+            corpus = args.corpus
+            relevant = col["relevant"]
+            qid_of = {p["anchor"]: p["qid"] for p in col["pairs"]}
+            counts = {"negatives": 0, "leaks": 0, "generations": []}
+
+            def seen(batch):
+                counts["generations"].append(batch.response.generation)
+                for row, ids in zip(batch.rows, batch.negative_ids):
+                    rel = relevant.get(qid_of[row["anchor"]], set())
+                    counts["negatives"] += len(ids)
+                    counts["leaks"] += sum(1 for i in ids if i is not None and i in rel)
+
+            with contextlib.suppress(hardneg.NotFound):
+                miner.cancel_refresh(collection)  # a pending generation an interrupted run left
+            training.index_corpus(miner, collection, corpus, model, encoder_name=f"seed{seed}-base", vectors=base_vectors)
+            collator = training.MiningCollator(
+                miner, collection, corpus, model, num_negatives=args.negatives, prefetch=args.prefetch, seed=seed,
+                positives=training.positives_of(data), on_batch=seen, preset="denoised", range_min=RANGE_MIN,
+                range_max=RANGE_MAX, encode_batch_size=args.encode_batch, **args.options[r],
+            )
+            refresh = training.RefreshCallback(collator, every_n_steps=args.refresh_every, batch_size=args.encode_batch,
+                                               name_prefix=f"seed{seed}-step")
+            trainer = training.MiningTrainer(model=model, args=trainer_args(args, seed, workdir), train_dataset=data,
+                                             loss=loss, data_collator=collator, callbacks=[refresh])
+            trainer.train()
+            rows = collator.stats["rows"] + collator.stats["rows_dropped"]
+            stats = {
+                "negatives": counts["negatives"], "leaks": counts["leaks"],
+                "rows_used": 1.0 - collator.stats["rows_dropped"] / rows if rows else None,
+                "filled": collator.stats["negatives_filled"], "mine_wait_s": collator.stats["mine_wait_s"],
+                "refreshes": [[s, g, round(sec, 2)] for s, g, sec in refresh.history],
+                "refresh_s": sum(sec for _, _, sec in refresh.history),
+                "generations_used": sorted(set(counts["generations"])),
+            }
         else:
-            losses.append(None)
-        scheduler.step()
-        source.after_step(model, step + 1)
-    train_s = time.perf_counter() - t0
-    return model, {"train_s": train_s, "losses": losses, **leaks.summary(), **source.stats()}
+            trainer = SentenceTransformerTrainer(model=model, args=trainer_args(args, seed, workdir), train_dataset=data, loss=loss)
+            trainer.train()
+        stats["steps"] = trainer.state.global_step
+        stats["train_loss"] = trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None
+        stats["train_s"] = time.perf_counter() - t
+        stats.update(evaluate_model(model, col, args))
+    finally:
+        shutil.rmtree(workdir, ignore_errors=True)
+    return stats
 
 
-class InBatch:
-    def batches(self, model, plan):
-        for step, idx in enumerate(plan):
-            yield step, [(self.col["train"][i], [], []) for i in idx]
-
-    def __init__(self, col):
-        self.col = col
-
-    def after_step(self, model, step):
-        pass
-
-    def stats(self):
-        return {}
-
-
-class Offline(InBatch):
-    """Negatives mined once before training: query id -> [(text, id set)]."""
-
-    def __init__(self, col, mined: dict, n: int):
-        super().__init__(col)
-        self.mined, self.n = mined, n
-
-    def batches(self, model, plan):
-        for step, idx in enumerate(plan):
-            rows = []
-            for i in idx:
-                q = self.col["train"][i]
-                negs = self.mined.get(q["id"], [])
-                if len(negs) >= self.n:
-                    rows.append((q, [t for t, _ in negs[: self.n]], [ids for _, ids in negs[: self.n]]))
-            yield step, rows
-
-
-class Online(InBatch):
-    """Every batch mined by hardneg with query vectors from the model being trained; the index
-    is rebuilt from that model's document vectors every `refresh_every` steps."""
-
-    def __init__(self, col, args, miner, collection: str, seed: int, base_vectors, options: dict, tag: str):
-        super().__init__(col)
-        self.args, self.miner, self.collection, self.seed, self.options, self.tag = args, miner, collection, seed, options, tag
-        self.doc_ids = [d for d, _ in col["docs"]]
-        # Every run starts from the base model's vectors.
-        self.generation = miner.refresh_vectors(collection, f"{tag}-base", self.doc_ids, base_vectors).generation
-        self.refresh_s, self.refreshes, self.generations_used, self.mine_wait_s = 0.0, 0, [], 0.0
-
-    def batches(self, model, plan):
-        import hardneg
-
-        n = self.args.negatives
-
-        def requests():
-            for step, idx in enumerate(plan):
-                qs = [self.col["train"][i] for i in idx]
-                vectors = encode(model, [q["text"] for q in qs], self.args)
-                yield hardneg.batch(
-                    self.collection,
-                    [{"id": q["id"], "text": q["text"], "vector": v, "positive_ids": [q["positive"]]} for q, v in zip(qs, vectors)],
-                    batch_id=step,
-                    min_generation=self.generation,
-                    num_negatives=n,
-                    range_min=RANGE_MIN,
-                    range_max=RANGE_MAX,
-                    preset="denoised",
-                    seed=self.seed * 1_000_003 + step,
-                    **self.options,
-                )
-
-        by_id = {q["id"]: q for q in self.col["train"]}
-        waited = time.perf_counter()
-        for request, response in self.miner.mine_stream(requests(), prefetch=self.args.prefetch, with_batches=True):
-            self.mine_wait_s += time.perf_counter() - waited
-            self.generations_used.append(response.generation)
-            rows = []
-            for rq, result in zip(request.queries, response.results):
-                ids = [neg.id for neg in result.negatives][:n]
-                if len(ids) >= n:
-                    rows.append((by_id[rq.id], [self.col["text_of"][d] for d in ids], [{d} for d in ids]))
-            yield request.batch_id, rows
-            waited = time.perf_counter()
-
-    def after_step(self, model, step):
-        if step % self.args.refresh_every == 0 and step < self.args.steps:
-            t = time.perf_counter()
-            vectors = encode(model, [text for _, text in self.col["docs"]], self.args)
-            self.generation = self.miner.refresh_vectors(self.collection, f"{self.tag}-step{step}", self.doc_ids, vectors).generation
-            self.refresh_s += time.perf_counter() - t
-            self.refreshes += 1
-
-    def stats(self):
-        return {
-            "refreshes": self.refreshes,
-            "refresh_s": self.refresh_s,
-            "mine_wait_s": self.mine_wait_s,
-            "generations_used": self.generations_used,
-        }
-
-
-# ---------------------------------------------------------------- miners run once
-
-
-def mine_sentence_transformers(col: dict, args, model, relative_margin, cache_folder: str) -> tuple:
-    """mine_hard_negatives on the train pairs over the whole corpus: query id -> [(text, id set)]."""
+def pairs_dataset(col: dict):
     from datasets import Dataset
-    from sentence_transformers.util import mine_hard_negatives
 
+    return Dataset.from_dict({"anchor": [p["anchor"] for p in col["pairs"]], "positive": [p["positive"] for p in col["pairs"]]})
+
+
+def offline_leaks(col: dict, data) -> dict:
+    """Leaks of a mined n-tuple dataset: negatives whose text is a judged-relevant document of
+    the row's query (a text may be several documents)."""
     ids_of: dict = {}
     for doc_id, text in col["docs"]:
         ids_of.setdefault(text, set()).add(doc_id)
-    pairs = Dataset.from_dict({"query": [q["text"] for q in col["train"]], "positive": [col["text_of"][q["positive"]] for q in col["train"]]})
-    qid_of = {q["text"]: q["id"] for q in col["train"]}
-    t = time.perf_counter()
-    bars = io.StringIO()
-    try:
-        with contextlib.redirect_stderr(bars):  # progress bars, kept only for a failure
-            out = mine_hard_negatives(
-                pairs,
-                model,
-                corpus=[text for _, text in col["docs"]],
-                range_min=RANGE_MIN,
-                range_max=RANGE_MAX,
-                relative_margin=relative_margin,
-                num_negatives=args.negatives,
-                sampling_strategy="top",
-                output_format="labeled-list",
-                batch_size=args.encode_batch,
-                cache_folder=cache_folder,
-                verbose=False,
-            )
-    except Exception:
-        sys.stderr.write(bars.getvalue())
-        raise
-    took = time.perf_counter() - t
-    mined = {}
-    for row in out:
-        # labeled-list: the positive first, then the negatives, best first.
-        mined[qid_of[row["query"]]] = [(text, ids_of[text]) for text in row["positive"][1:]]
-    return mined, took
+    qid_of = {p["anchor"]: p["qid"] for p in col["pairs"]}
+    negatives = leaks = 0
+    negative_columns = [c for c in data.column_names if c.startswith("negative")]
+    for row in data:
+        rel = col["relevant"].get(qid_of[row["anchor"]], set())
+        for c in negative_columns:
+            negatives += 1
+            leaks += bool(ids_of.get(row[c], set()) & rel)
+    return {"negatives": negatives, "leaks": leaks, "rows_used": len(data) / len(col["pairs"])}
 
 
-def mine_hardneg_offline(col: dict, args, miner, collection: str, base_query_vectors) -> tuple:
-    """PRESET_DENOISED negatives for every train query, from the base model's index."""
+def mine_offline(r: int, col: dict, args, base, miner, cache: Path):
+    """Row r's mined n-tuple dataset (cached: the base model and settings decide it)."""
+    from datasets import Dataset
+
+    key = hashlib.sha256(json.dumps([r, args.negatives, args.max_seq_length, args.options.get(r), col["name"], len(col["pairs"])]).encode()).hexdigest()[:16]
+    path = cache / f"mined-row{r}-{key}.json"
+    if r in args.redo:
+        path.unlink(missing_ok=True)
+    if path.exists():
+        saved = json.loads(path.read_text())
+        return Dataset.from_dict(saved["data"]), saved["mine_s"]
+    pairs = pairs_dataset(col)
+    corpus = [text for _, text in col["docs"]]
     t = time.perf_counter()
-    mined = {}
-    train = col["train"]
-    for start in range(0, len(train), OFFLINE_REQUEST_QUERIES):
-        chunk = train[start : start + OFFLINE_REQUEST_QUERIES]
-        response = miner.mine(
-            collection,
-            [{"id": q["id"], "text": q["text"], "vector": base_query_vectors[start + i], "positive_ids": [q["positive"]]} for i, q in enumerate(chunk)],
-            num_negatives=args.negatives,
-            range_min=RANGE_MIN,
-            range_max=RANGE_MAX,
-            preset="denoised",
-            seed=0,
+    common = dict(range_min=RANGE_MIN, range_max=RANGE_MAX, num_negatives=args.negatives, output_format="n-tuple",
+                  batch_size=args.encode_batch, verbose=False)
+    if r in (2, 3):
+        from sentence_transformers.util import mine_hard_negatives
+
+        with contextlib.redirect_stderr(io.StringIO()):
+            data = mine_hard_negatives(pairs, base, corpus=corpus, relative_margin=RELATIVE_MARGIN if r == 3 else None,
+                                       sampling_strategy="top", cache_folder=str(cache / "st-embeddings"), **common)
+    else:
+        from hardneg import training
+
+        data = training.mine_hard_negatives(pairs, base, corpus=corpus, miner=miner, **{"preset": "denoised", "seed": 0, **common, **args.options[4]})
+    mine_s = time.perf_counter() - t
+    path.write_text(json.dumps({"mine_s": mine_s, "data": data.to_dict()}))
+    return data, mine_s
+
+
+# ---------------------------------------------------------------- the table
+
+
+class Store:
+    """The results JSON, written after every run. Each row's runs are kept with the settings
+    that decide them (the protocol; for hardneg rows also their mining options), so a rerun
+    skips what was measured with the same settings and redoes what was not."""
+
+    def __init__(self, path: Path, protocol: dict, fresh: bool, redo: set):
+        self.path = path
+        self.protocol = protocol
+        self.data = {"protocol": protocol, "rows": {}}
+        if path.exists() and not fresh:
+            old = json.loads(path.read_text())
+            if old.get("protocol") == protocol:
+                self.data = old
+                for r in redo:
+                    self.data["rows"].pop(str(r), None)
+            else:
+                print(f"{path}: earlier results were made with another protocol; starting over (kept as .old)", flush=True)
+                shutil.copyfile(path, str(path) + ".old")
+
+    def row(self, r: int, settings: dict) -> dict:
+        row = self.data["rows"].get(str(r))
+        if row is None or row.get("settings") != settings:
+            if row is not None and row.get("runs"):
+                print(f"  row {r}: its settings changed; its {len(row['runs'])} earlier run(s) are dropped", flush=True)
+            row = self.data["rows"][str(r)] = {"label": ROWS[r], "settings": settings, "runs": {}}
+        return row
+
+    def put(self, row: dict, seed, result: dict) -> None:
+        row["runs"][str(seed)] = result
+        row.pop("error", None)
+        self.save()
+
+    def save(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_suffix(".tmp")
+        tmp.write_text(json.dumps(self.data, indent=1, default=str) + "\n")
+        tmp.replace(self.path)
+
+
+def run_collection(col: dict, args, miner, store: Store, cache: Path) -> None:
+    import numpy as np
+
+    from hardneg import training
+
+    base = load_model(args)
+    vectors_file = cache / f"base-{col['name']}-{args.max_seq_length}.npy"
+    base_vectors = None
+    if any(r in args.rows for r in (0, 5, 6)):
+        if vectors_file.exists():
+            base_vectors = np.load(vectors_file)
+        else:
+            t = time.perf_counter()
+            base_vectors = encode(base, [text for _, text in col["docs"]], args)
+            np.save(vectors_file, base_vectors)
+            store.data.setdefault("base_encode_s", time.perf_counter() - t)
+    # The corpus as the miners see it: one document per distinct text (the first id).
+    args.corpus = training.Corpus(dict(col["docs"]))
+    if base_vectors is not None:
+        position = {doc_id: i for i, (doc_id, _) in enumerate(col["docs"])}
+        args.corpus_vectors = base_vectors[[position[d] for d in args.corpus.ids]]
+    collection = f"train-eval-{col['name']}"
+    for r in args.rows:
+        seeds = [None] if r == 0 else args.seeds
+        settings = {"options": args.options.get(r), "refresh_every": args.refresh_every if r in (5, 6) else None,
+                    "prefetch": args.prefetch if r in (5, 6) else None}
+        row = store.row(r, settings)
+        todo = [s for s in seeds if str(s) not in row["runs"]]
+        print(f"  row {r}: {ROWS[r]}: {len(seeds) - len(todo)} of {len(seeds)} runs already done", flush=True)
+        if not todo:
+            continue
+        try:
+            if r == 0:
+                t = time.perf_counter()
+                queries = encode(base, [q["text"] for q in col["test"]], args, "query")
+                store.put(row, None, {**evaluate(col, base_vectors, queries), "eval_s": time.perf_counter() - t})
+                continue
+            data, extra = pairs_dataset(col), {}
+            if r in (2, 3, 4):
+                data, mine_s = mine_offline(r, col, args, base, miner, cache)
+                extra = {"mine_s": mine_s, **offline_leaks(col, data)}
+            for seed in todo:
+                t = time.perf_counter()
+                result = {**extra, **train_run(r, seed, col, args, data, miner, collection, getattr(args, "corpus_vectors", None))}
+                result["wall_s"] = time.perf_counter() - t
+                store.put(row, seed, result)
+                print(f"    seed {seed}: nDCG@10 {result['ndcg@10']:.4f}  Recall@100 {result['recall@100']:.4f}  "
+                      f"{result['steps']} steps  {result['wall_s']:.0f} s", flush=True)
+        except Exception as e:  # the row fails loudly; the others still run
+            row["error"] = f"{type(e).__name__}: {e}"
+            row["traceback"] = traceback.format_exc()
+            store.save()
+            print(f"\n!!! row {r} ({ROWS[r]}) FAILED: {e}\n{traceback.format_exc()}", file=sys.stderr, flush=True)
+
+
+def summarize(store: Store) -> dict:
+    out = {}
+    for r, row in sorted(store.data["rows"].items(), key=lambda kv: int(kv[0])):
+        runs = list(row["runs"].values())
+        if not runs:
+            out[int(r)] = {"label": row["label"], "error": row.get("error", "no run finished")}
+            continue
+        s = {"label": row["label"], "seeds": len(runs)}
+        for key in ("ndcg@10", "recall@100"):
+            s[key] = mean_sd([x[key] for x in runs])
+        if "negatives" in runs[0]:
+            neg = sum(x["negatives"] for x in runs)
+            s["leak"] = sum(x["leaks"] for x in runs) / neg if neg else None
+            s["rows_used"] = statistics.fmean(x["rows_used"] for x in runs if x.get("rows_used") is not None)
+        for key in ("train_s", "eval_s", "mine_s", "refresh_s", "steps"):
+            if key in runs[0]:
+                s[key] = statistics.fmean(x[key] for x in runs)
+        if "error" in row:
+            s["error"] = row["error"]
+        out[int(r)] = s
+    return out
+
+
+def verdict(rows: dict) -> list:
+    """hardneg's best row against in-batch and against sentence-transformers' best, with the
+    goal's rule: a margin larger than twice the larger of the two rows' standard deviations."""
+    ok = {r: s for r, s in rows.items() if "ndcg@10" in s}
+    hn = [r for r in (4, 5, 6) if r in ok]
+    if not hn:
+        return ["No hardneg row finished."]
+    best = max(hn, key=lambda r: ok[r]["ndcg@10"][0])
+    lines = []
+    for other in ([1] if 1 in ok else []) + ([max((r for r in (2, 3) if r in ok), key=lambda r: ok[r]["ndcg@10"][0])] if any(r in ok for r in (2, 3)) else []):
+        (m1, s1), (m2, s2) = ok[best]["ndcg@10"], ok[other]["ndcg@10"]
+        margin = m1 - m2
+        need = 2 * max(s1 or 0.0, s2 or 0.0)
+        r1, r2 = ok[best]["recall@100"][0], ok[other]["recall@100"][0]
+        beats = margin > need and r1 >= r2
+        lines.append(
+            f"row {best} against row {other}: nDCG@10 {margin:+.4f} (needed > {need:.4f}: twice the larger sd), "
+            f"Recall@100 {r1 - r2:+.4f}: {'beats it' if beats else 'does not beat it'}."
         )
-        for q, result in zip(chunk, response.results):
-            mined[q["id"]] = [(col["text_of"][neg.id], {neg.id}) for neg in result.negatives]
-    return mined, time.perf_counter() - t
+    if 4 in ok and 5 in ok:
+        lines.append(f"online (5) - offline (4): nDCG@10 {ok[5]['ndcg@10'][0] - ok[4]['ndcg@10'][0]:+.4f}, "
+                     f"Recall@100 {ok[5]['recall@100'][0] - ok[4]['recall@100'][0]:+.4f}.")
+    return lines
 
 
-# ---------------------------------------------------------------- hardneg server
+def markdown(col: dict, store: Store, args, env: dict) -> str:
+    rows = summarize(store)
+    cell = lambda v: "–" if v is None else (f"{v[0]:.4f}" + (f" ± {v[1]:.4f}" if v[1] is not None else ""))
+    pct = lambda v: "–" if v is None else f"{v:.1%}"
+    num = lambda v: "–" if v is None else f"{v:.0f}"
+    lines = [
+        f"### {col['name']}: {len(col['pairs'])} training pairs, {len(col['test'])} test queries, {len(col['docs'])} documents",
+        "",
+        f"{Path(str(args.model)).name} fine-tuned with SentenceTransformerTrainer and MultipleNegativesRankingLoss (scale {args.scale:g}, "
+        f"NO_DUPLICATES batches of {args.batch_size}, " + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs:g} epoch(s)")
+        + f", lr {args.lr:g} with {args.warmup_ratio:g} warmup then linear decay, max length {args.max_seq_length}); "
+        f"{args.negatives} mined negative(s) per query (rows 2-6); online rows refresh every {args.refresh_every} steps, "
+        f"{args.prefetch} batches in flight. Split: {col['split']}. Mean ± sample sd over the seeds. "
+        f"Device: {env['device']}; CPU: {env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads.",
+        "",
+        "| row | negatives | seeds | nDCG@10 | Recall@100 | train leak | rows used | steps | mine s | train s / seed | eval s / seed |",
+        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
+    ]
+    for r, s in rows.items():
+        if "ndcg@10" not in s:
+            lines.append(f"| {r} | {s['label']} | 0 | **FAILED**: {s['error'][:200]} | | | | | | | |")
+            continue
+        label = s["label"] + (f" (**FAILED** later: {s['error'][:120]})" if "error" in s else "")
+        lines.append(
+            f"| {r} | {label} | {s['seeds']} | {cell(s['ndcg@10'])} | {cell(s['recall@100'])} | {pct(s.get('leak'))} | "
+            f"{pct(s.get('rows_used'))} | {num(s.get('steps'))} | {num(s.get('mine_s'))} | {num(s.get('train_s'))} | {num(s.get('eval_s'))} |"
+        )
+    lines += ["", *verdict(rows)]
+    return "\n".join(lines)
+
+
+def lscpu_model() -> str:
+    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
+    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
+    return m.group(1).strip() if m else "unknown"
 
 
 class Server:
@@ -565,22 +667,19 @@ class Server:
         self.dir = Path(tempfile.mkdtemp(prefix="hardneg-train-eval-"))
         self.log = self.dir / "server.log"
         cmd = [str(binary), "--listen", f"127.0.0.1:{self.port}", "--data-dir", str(self.dir / "data"), "--model-dir", str(model)]
-        env = dict(os.environ)
-        for k in ("HARDNEG_AUTH_TOKEN", "HARDNEG_TOKEN"):
-            env.pop(k, None)
-        self.started = time.perf_counter()
+        env = {k: v for k, v in os.environ.items() if k not in ("HARDNEG_AUTH_TOKEN", "HARDNEG_TOKEN")}
         with open(self.log, "w") as log:
             self.proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT)
         self.addr = f"127.0.0.1:{self.port}"
 
-    def wait(self, miner) -> float:
+    def wait(self, miner) -> None:
         deadline = time.perf_counter() + 300
         while True:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"hardneg-server exited with {self.proc.returncode}; see {self.log}")
             try:
                 miner.wait_ready(timeout=1.0)
-                return time.perf_counter() - self.started
+                return
             except TimeoutError:
                 if time.perf_counter() > deadline:
                     raise RuntimeError(f"hardneg-server not serving after 300 s; see {self.log}")
@@ -598,342 +697,73 @@ class Server:
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
-def fill_collection(miner, col: dict, name: str, base_vectors, how: str) -> dict:
-    """Creates the collection and makes the base model's document vectors its index."""
-    t = time.perf_counter()
-    ids = [d for d, _ in col["docs"]]
-    if how == "server":
-        miner.create(name)
-        miner.ingest(name, col["docs"])  # the server encodes every document
-        ingested = time.perf_counter() - t
-        miner.refresh_vectors(name, "base", ids, base_vectors)
-    else:
-        # A vectors-only collection: the base model's vectors go in with the documents.
-        miner.create(name, dims=int(base_vectors.shape[1]), encoder_name="base")
-        miner.ingest_vectors(name, ids, base_vectors, texts=[text for _, text in col["docs"]])
-        ingested = time.perf_counter() - t
-    info = miner.get(name)
-    if info.doc_count != len(ids) or info.pending_documents or info.encoder_kind != "trainer":
-        raise RuntimeError(f"collection {name}: {info}")
-    return {"ingest": how, "ingest_s": ingested, "total_s": time.perf_counter() - t, "generation": info.generation}
-
-
-# ---------------------------------------------------------------- one collection
-
-
-def run_collection(col: dict, args, miner) -> dict:
-    name = re.sub(r"[^A-Za-z0-9_.-]", "_", col["name"])[:64]
-    n = args.negatives
-    out = {"rows": {}}
-    print(f"== {col['name']}: {len(col['train'])} train / {len(col['test'])} test queries, {len(col['docs'])} documents", flush=True)
-
-    t = time.perf_counter()
-    base = load_model(args)
-    base_docs = encode(base, [text for _, text in col["docs"]], args)
-    base_doc_s = time.perf_counter() - t
-    base_train_queries = encode(base, [q["text"] for q in col["train"]], args)
-    out["base_corpus_encode_s"] = base_doc_s
-
-    def row_done(r, result):
-        out["rows"][r] = result
-        m = result.get("metrics")
-        if m:
-            sd = lambda v: f" ± {v:.4f}" if v is not None else ""
-            print(
-                f"  row {r}: nDCG@10 {m['ndcg@10']['mean']:.4f}{sd(m['ndcg@10']['sd'])}  Recall@100 {m['recall@100']['mean']:.4f}{sd(m['recall@100']['sd'])}"
-                f"  leak {_pct(result.get('leak_rate'))}  wall {result['wall_s']:.0f} s",
-                flush=True,
-            )
-
-    mined_cache = tempfile.mkdtemp(prefix="train-eval-st-")
-    hardneg_ready = None
-
-    for r in args.rows:
-        print(f"  row {r}: {ROWS[r]} ...", flush=True)
-        started = time.perf_counter()
-        result = {"label": ROWS[r]}
-        try:
-            if r == 0:
-                t = time.perf_counter()
-                queries = encode(base, [q["text"] for q in col["test"]], args)
-                ev = evaluate(col, base_docs, queries)
-                ev["eval_s"] = base_doc_s + time.perf_counter() - t
-                result["runs"] = [{"seed": None, **ev}]
-            else:
-                mine_s = 0.0
-                if r == 1:
-                    make = lambda seed: InBatch(col)
-                elif r in (2, 3):
-                    mined, mine_s = mine_sentence_transformers(col, args, base, RELATIVE_MARGIN if r == 3 else None, mined_cache)
-                    make = lambda seed: Offline(col, mined, n)
-                else:
-                    if hardneg_ready is None:
-                        hardneg_ready = fill_collection(miner, col, name, base_docs, args.ingest)
-                        out["hardneg_collection"] = hardneg_ready
-                        mine_s += hardneg_ready["total_s"]
-                    if r == 4:
-                        mined, s = mine_hardneg_offline(col, args, miner, name, base_train_queries)
-                        mine_s += s
-                        make = lambda seed: Offline(col, mined, n)
-                    else:
-                        options = {"sampling": "ambiguous", **args.simans} if r == 6 else {}
-                        make = lambda seed: Online(col, args, miner, name, seed, base_docs, options, f"row{r}-seed{seed}")
-                result["mine_s"] = mine_s
-                runs = []
-                for seed in args.seeds:
-                    model, stats = train(col, args, seed, make(seed))
-                    ev = evaluate_model(model, col, args)
-                    runs.append({"seed": seed, **stats, **ev})
-                    del model
-                result["runs"] = runs
-            _summarize(result)
-        except Exception as e:  # the row fails, loudly; the others still run
-            result["error"] = f"{type(e).__name__}: {e}"
-            result["traceback"] = traceback.format_exc()
-            print(f"\n!!! row {r} ({ROWS[r]}) FAILED: {result['error']}\n{result['traceback']}", file=sys.stderr, flush=True)
-        result["wall_s"] = time.perf_counter() - started + (base_doc_s if r == 0 else 0.0)
-        row_done(r, result)
-    shutil.rmtree(mined_cache, ignore_errors=True)
-    return out
-
-
-def _summarize(result: dict) -> None:
-    runs = result["runs"]
-    result["metrics"] = {}
-    for key in ("ndcg@10", "recall@100"):
-        mean, sd = mean_sd([x[key] for x in runs])
-        result["metrics"][key] = {"mean": mean, "sd": sd, "per_seed": [x[key] for x in runs]}
-    if "negatives" in runs[0]:
-        neg = sum(x["negatives"] for x in runs)
-        result["leak_rate"] = sum(x["leaks"] for x in runs) / neg if neg else None
-        asked = sum(x["rows_asked"] for x in runs)
-        result["yield"] = sum(x["rows_used"] for x in runs) / asked if asked else None
-    for key in ("train_s", "eval_s", "refresh_s"):
-        if key in runs[0]:
-            result[key] = statistics.fmean(x[key] for x in runs)
-
-
-def _pct(x) -> str:
-    return f"{x:.1%}" if x is not None else "–"
-
-
-# ---------------------------------------------------------------- report
-
-
-def cpu_snapshot(server_pid: int) -> dict:
-    """The machine's busy CPU seconds (/proc/stat, all cores; idle and iowait excluded) and this
-    benchmark's own (this process, its ended children, the server)."""
-    values = [int(x) for x in open("/proc/stat").readline().split()[1:9]]
-    busy = sum(values) - values[3] - values[4]
-    own = resource.getrusage(resource.RUSAGE_SELF)
-    ended = resource.getrusage(resource.RUSAGE_CHILDREN)
-    ours = own.ru_utime + own.ru_stime + ended.ru_utime + ended.ru_stime + cst.server_cpu(server_pid)
-    return {"wall": time.perf_counter(), "busy_s": busy / os.sysconf("SC_CLK_TCK"), "ours_s": ours}
-
-
-def cpu_shares(before: dict, after: dict) -> dict:
-    """Shares of the machine's CPU capacity used by this benchmark and by everything else."""
-    capacity = (after["wall"] - before["wall"]) * (os.cpu_count() or 1)
-    ours = after["ours_s"] - before["ours_s"]
-    others = max(0.0, after["busy_s"] - before["busy_s"] - ours)
-    return {"ours": ours / capacity, "others": others / capacity}
-
-
-def lscpu_model() -> str:
-    out = subprocess.run(["lscpu"], capture_output=True, text=True).stdout
-    m = re.search(r"^Model name:\s*(.+)$", out, re.M)
-    return m.group(1).strip() if m else "unknown"
-
-
-def extrapolate(col_out: dict, args) -> dict:
-    """Wall time of this collection's table with the default sizes, from this run's timings:
-    per row, mining once + per seed (eval + training time per step x steps + refresh time per
-    refresh x refreshes)."""
-    full_refreshes = (FULL["steps"] - 1) // FULL["refresh_every"]
-    total = 0.0
-    rows = {}
-    for r, res in col_out["rows"].items():
-        if "runs" not in res or "metrics" not in res:
-            continue
-        if r == 0:
-            est = res["runs"][0]["eval_s"]
-        else:
-            per_seed = []
-            for x in res["runs"]:
-                refresh = x.get("refresh_s", 0.0)
-                per_step = (x["train_s"] - refresh) / args.steps
-                per_refresh = refresh / x["refreshes"] if x.get("refreshes") else 0.0
-                per_seed.append(x["eval_s"] + per_step * FULL["steps"] + per_refresh * full_refreshes)
-            est = res.get("mine_s", 0.0) + statistics.fmean(per_seed) * len(FULL["seeds"])
-        rows[r] = est
-        total += est
-    return {"rows_s": rows, "total_s": total}
-
-
-def markdown(col: dict, col_out: dict, args, env: dict) -> str:
-    seeds = ", ".join(map(str, args.seeds))
-    lines = [
-        f"### {col['name']}: {len(col['train'])} train / {len(col['test'])} test queries, {len(col['docs'])} documents",
-        "",
-        f"all-MiniLM-L6-v2 fine-tuned with MultipleNegativesRankingLoss (scale {args.scale:g}): {args.steps} steps x {args.batch_size} "
-        f"train queries, {args.negatives} mined negative(s) per query (rows 2-6), lr {args.lr:g} (warmup {args.warmup_ratio:g}, linear decay), "
-        f"max length {args.max_seq_length}; online rows refresh every {args.refresh_every} steps. Seeds {seeds}: mean ± sample sd. "
-        f"CPU: {env['cpu']}, {env['cores']} cores, {env['torch_threads']} torch threads; during this collection the benchmark used "
-        f"{col_out['cpu_share']['ours']:.0%} of the cores and other processes {col_out['cpu_share']['others']:.0%} "
-        f"({'shared with another job' if col_out['cpu_share']['others'] > 0.1 else 'not shared'}).",
-        "",
-        "| row | negatives | nDCG@10 | Recall@100 | train leak | rows used | mine s | train s / seed | eval s / seed | row wall s |",
-        "| --- | --- | --- | --- | --- | --- | --- | --- | --- | --- |",
-    ]
-    for r, res in sorted(col_out["rows"].items()):
-        if "error" in res:
-            msg = res["error"].replace("|", "\\|").replace("\n", " ")
-            lines.append(f"| {r} | {res['label']} | **FAILED**: {msg} | | | | | | | {res['wall_s']:.0f} |")
-            continue
-        m = res["metrics"]
-        cell = lambda k: f"{m[k]['mean']:.4f}" + (f" ± {m[k]['sd']:.4f}" if m[k]["sd"] is not None else "")
-        num = lambda k, fmt="{:.0f}": fmt.format(res[k]) if res.get(k) is not None else "–"
-        lines.append(
-            f"| {r} | {res['label']} | {cell('ndcg@10')} | {cell('recall@100')} | {_pct(res.get('leak_rate'))} | {_pct(res.get('yield'))} "
-            f"| {num('mine_s')} | {num('train_s')} | {num('eval_s')} | {res['wall_s']:.0f} |"
-        )
-    lines += [
-        "",
-        "train leak: share of the negatives trained on that are judged relevant for their query. rows used: share of "
-        "the batches' queries that got all their negatives (the others sit the step out). mine s: once per row, before "
-        "its seeds (row 3 reuses row 2's cached corpus embeddings; the hardneg collection's setup counts in the first "
-        "hardneg row). train s: per seed, online mining waits and index refreshes included. eval s: per seed, encoding "
-        "the corpus and the test queries (row 0: the base model's, shared with rows 4-6).",
-        "",
-        verdict(col_out),
-    ]
-    return "\n".join(lines)
-
-
-def verdict(col_out: dict) -> str:
-    """Which row is best, and hardneg's best against sentence-transformers' best, in sds."""
-    ok = {r: res for r, res in col_out["rows"].items() if "metrics" in res}
-    if not ok:
-        return "No row finished."
-    parts = []
-    for key in ("ndcg@10", "recall@100"):
-        best = max(ok, key=lambda r: ok[r]["metrics"][key]["mean"])
-        text = f"{key}: best row {best}"
-        st = [r for r in (2, 3) if r in ok]
-        hn = [r for r in (4, 5, 6) if r in ok]
-        if st and hn:
-            s = max(st, key=lambda r: ok[r]["metrics"][key]["mean"])
-            h = max(hn, key=lambda r: ok[r]["metrics"][key]["mean"])
-            diff = ok[h]["metrics"][key]["mean"] - ok[s]["metrics"][key]["mean"]
-            sd = ok[s]["metrics"][key]["sd"]
-            text += f"; best hardneg row {h} - best sentence-transformers row {s} = {diff:+.4f}"
-            if sd is None:
-                text += " (one seed: no sd)"
-            elif sd > 0:
-                text += f" ({diff / sd:+.1f} sd of row {s})"
-            else:
-                text += f" (row {s}'s sd is 0)"
-        if 4 in ok and 5 in ok:
-            text += f"; online (5) - offline (4) = {ok[5]['metrics'][key]['mean'] - ok[4]['metrics'][key]['mean']:+.4f}"
-        parts.append(text)
-    return ". ".join(parts) + "."
-
-
 def main() -> None:
     args = parse_args()
     cst.ensure_venv()
     cst.ensure_client()
     if args.setup_only:
         return
-    # OpenMP threads that spin while they wait collapse (4x slower steps, measured) when
-    # another job shares the cores; passive waiting costs nothing measurable when none does.
-    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
+    os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # spinning OpenMP waits collapse when another job shares the cores
     if Path(sys.prefix).resolve() != cst.VENV:
         os.execv(str(cst.VENV_PYTHON), [str(cst.VENV_PYTHON), str(Path(__file__).resolve()), *sys.argv[1:]])
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
-    os.environ.setdefault("HF_HUB_DISABLE_PROGRESS_BARS", "1")
-    os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+    for k, v in (("HF_HUB_OFFLINE", "1"), ("TRANSFORMERS_OFFLINE", "1"), ("HF_HUB_DISABLE_PROGRESS_BARS", "1"),
+                 ("TRANSFORMERS_VERBOSITY", "error"), ("TOKENIZERS_PARALLELISM", "false")):
+        os.environ.setdefault(k, v)
     self_check()
     if args.server is None:
         args.server = next((p for p in (ROOT / "target/release/hardneg-server", ROOT / "target/debug/hardneg-server") if p.exists()), None)
         if args.server is None:
             sys.exit("no hardneg-server binary: build one (cargo build --release -p hardneg-server) or pass --server")
     args.server, args.model = args.server.resolve(), args.model.resolve()
-    out_base = args.out or RESULTS / ("train_eval-quick" if args.quick else "train_eval")
-    datasets = [d.resolve() for d in (args.datasets or [cst.DATASETS / "cranfield"])]
 
     import hardneg
     import sentence_transformers
     import torch
     import transformers
 
+    args.device = "cuda" if torch.cuda.is_available() else "cpu"
     env = {
         "cpu": lscpu_model(),
         "cores": os.cpu_count(),
         "torch_threads": torch.get_num_threads(),
-        "omp_wait_policy": os.environ.get("OMP_WAIT_POLICY"),
-        "load_before": os.getloadavg()[0],
-        "versions": {
-            "torch": torch.__version__,
-            "sentence-transformers": sentence_transformers.__version__,
-            "transformers": transformers.__version__,
-            "hardneg-client": hardneg.__version__,
-        },
-        "server": str(args.server),
+        "device": torch.cuda.get_device_name(0) if args.device == "cuda" else "CPU",
+        "versions": {"torch": torch.__version__, "sentence-transformers": sentence_transformers.__version__,
+                     "transformers": transformers.__version__, "hardneg-client": hardneg.__version__},
     }
-    config = {k: v for k, v in vars(args).items() if k not in ("datasets", "simans_option")}
-    config = {k: str(v) if isinstance(v, Path) else v for k, v in config.items()}
-    config["split"] = "judged queries ordered by sha256(query id); first floor(n/2) train, rest test"
-    results = {"config": config, "env": env, "collections": {}}
+    datasets = [d.resolve() for d in (args.datasets or [cst.DATASETS / "scifact"])]
+    protocol = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()
+                if k in ("model", "epochs", "max_steps", "batch_size", "negatives", "lr", "warmup_ratio", "scale",
+                         "max_seq_length", "holdout")}
+    protocol["device"] = args.device
     server = Server(args.server, args.model)
     failed = True
-    reports = []
-    started = time.perf_counter()
     try:
-        miner = hardneg.Miner(server.addr)
-        env["server_start_s"] = server.wait(miner)
+        miner = hardneg.Miner(server.addr, timeout=600.0)
+        server.wait(miner)
         for folder in datasets:
-            col = load(folder)
-            t, cpu0 = time.perf_counter(), cpu_snapshot(server.proc.pid)
-            col_out = run_collection(col, args, miner)
-            col_out["wall_s"] = time.perf_counter() - t
-            col_out["cpu_share"] = cpu_shares(cpu0, cpu_snapshot(server.proc.pid))
-            col_out["load_average_after"] = os.getloadavg()
-            col_out["split"] = {"train": [q["id"] for q in col["train"]], "test": [q["id"] for q in col["test"]]}
-            col_out["documents"] = len(col["docs"])
-            col_out["relevant_outside_corpus"] = col["relevant_outside_corpus"]
-            col_out["extrapolated_default_run"] = extrapolate(col_out, args)
-            results["collections"][col["name"]] = col_out
-            reports.append((col, col_out))
+            col = load(folder, args.holdout)
+            tag = ("-quick" if args.quick else "") + (f"-holdout{args.holdout:g}" if args.holdout else "")
+            base = args.out or RESULTS / f"train_eval{tag}-{col['name']}"
+            cache = Path(str(base) + "-cache")
+            cache.mkdir(parents=True, exist_ok=True)
+            store = Store(Path(str(base) + ".json"), {**protocol, "collection": folder.name}, args.fresh, set(args.redo))
+            t = time.perf_counter()
+            print(f"{col['name']}: {len(col['pairs'])} training pairs, {len(col['test'])} test queries, {len(col['docs'])} documents "
+                  f"({col['split']}); results in {store.path}", flush=True)
+            run_collection(col, args, miner, store, cache)
+            store.data.setdefault("sessions", []).append({"wall_s": time.perf_counter() - t, "env": env, "load_after": os.getloadavg(),
+                                                           "finished": time.strftime("%Y-%m-%d %H:%M:%S")})
+            store.data["summary"] = {str(r): s for r, s in summarize(store).items()}
+            store.save()
+            report = markdown(col, store, args, env)
+            walls = ", ".join(f"{s['wall_s'] / 60:.0f} min" for s in store.data["sessions"])
+            report += f"\n\nWall time of the runs that made this table: {walls} (server: {args.server.name} {args.server.parent.name} build)."
+            Path(str(base) + ".md").write_text(report + "\n")
+            print("\n" + report + f"\n\nwrote {base}.md and {base}.json", flush=True)
         miner.close()
         failed = False
     finally:
         server.stop(keep_log=failed)
-    text = []
-    for col, col_out in reports:
-        text.append(markdown(col, col_out, args, env))
-        est = col_out["extrapolated_default_run"]
-        share = col_out["cpu_share"]["ours"]
-        text.append(
-            f"This run: {col_out['wall_s']:.0f} s. Estimated wall time of the default table "
-            f"({len(FULL['seeds'])} seeds, {FULL['steps']} steps, refresh every {FULL['refresh_every']}), from this run's timings: "
-            f"{est['total_s'] / 60:.1f} min at this run's CPU share ({share:.0%} of the cores); about "
-            f"{est['total_s'] * share / 0.9 / 60:.1f} min with the cores to itself (at 90% of them). Rows: "
-            + ", ".join(f"{r}: {s:.0f} s" for r, s in sorted(est["rows_s"].items()))
-            + (". Rows that failed are not in the estimate (row 6 costs about what row 5 does)." if any("error" in x for x in col_out["rows"].values()) else ".")
-        )
-    report = "\n\n".join(text)
-    print("\n" + report)
-    out_base.parent.mkdir(parents=True, exist_ok=True)
-    Path(str(out_base) + ".md").write_text(report + "\n")
-    Path(str(out_base) + ".json").write_text(json.dumps(results, indent=1, default=str) + "\n")
-    print(f"\nwrote {out_base}.md and {out_base}.json (total {time.perf_counter() - started:.0f} s)")
-    errors = [(c["name"], r, res["error"]) for c, o in reports for r, res in o["rows"].items() if "error" in res]
-    if errors:
-        for name, r, e in errors:
-            print(f"FAILED: {name} row {r}: {e}", file=sys.stderr)
-        sys.exit(1)
 
 
 if __name__ == "__main__":
