@@ -611,6 +611,10 @@ def verdict(rows: dict) -> list:
     for other in ([1] if 1 in ok else []) + ([max((r for r in (2, 3) if r in ok), key=lambda r: ok[r]["ndcg@10"][0])] if any(r in ok for r in (2, 3)) else []):
         (m1, s1), (m2, s2) = ok[best]["ndcg@10"], ok[other]["ndcg@10"]
         margin = m1 - m2
+        if s1 is None or s2 is None:
+            lines.append(f"row {best} against row {other}: nDCG@10 {margin:+.4f}, Recall@100 "
+                         f"{ok[best]['recall@100'][0] - ok[other]['recall@100'][0]:+.4f} (one seed: no verdict without a standard deviation).")
+            continue
         need = 2 * max(s1 or 0.0, s2 or 0.0)
         r1, r2 = ok[best]["recall@100"][0], ok[other]["recall@100"][0]
         beats = margin > need and r1 >= r2

@@ -740,7 +740,7 @@ def mine_hard_negatives(
     verbose: bool = True,
     cache_folder: Optional[str] = None,
     *,
-    miner: Union[Miner, str],
+    miner: Union[Miner, str, None] = None,
     collection: Optional[str] = None,
     request_size: int = 64,
     **hardneg_options: Any,
@@ -755,10 +755,11 @@ def mine_hard_negatives(
     ``range_max``, ``max_score``, ``min_score``, ``absolute_margin``, ``relative_margin``,
     ``num_negatives`` and ``sampling_strategy`` (``"top"``, ``"random"``) mean what they mean
     there; ``range_max=None`` takes the server's default window, searched deeper when the
-    filters leave too few (adaptive depth). Switching is changing the call:
-    ``mine_hard_negatives(dataset, model, ..., miner="127.0.0.1:50051")``.
+    filters leave too few (adaptive depth). Switching is changing the import:
+    ``from hardneg.training import mine_hard_negatives``.
 
-    ``miner``: a :class:`hardneg.Miner` or its address. With ``model``, the corpus and the
+    ``miner``: a :class:`hardneg.Miner` or its address (default: ``$HARDNEG_ADDR``, else
+    ``127.0.0.1:50051``), so changing the import is enough to switch. With ``model``, the corpus and the
     queries are encoded here by ``model`` (its prompts, ``query_prompt*``/``corpus_prompt*``
     as in the library) into a vectors-only collection; without it, the server's encoder
     encodes them (the server must hold that model). ``collection``: the collection to create
@@ -815,7 +816,7 @@ def mine_hard_negatives(
     unique = list(by_anchor)
 
     own = not isinstance(miner, Miner)
-    client = Miner(miner) if own else miner
+    client = Miner(miner or os.environ.get("HARDNEG_ADDR", "127.0.0.1:50051")) if own else miner
     name = collection or f"mine-hard-negatives-{uuid.uuid4().hex[:12]}"
     created = False
     try:
