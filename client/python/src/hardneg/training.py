@@ -25,6 +25,7 @@ Needs ``torch``, ``sentence-transformers`` (with ``datasets`` and ``accelerate``
 from __future__ import annotations
 
 import collections
+import contextlib
 import logging
 import os
 import random
@@ -93,6 +94,19 @@ def _all_ok(ok: bool, what: str) -> None:
         return  # the caller re-raises its own exception
     if int(flags.item()) == 0:
         raise RuntimeError(f"{what} failed on another rank (its own error is in that rank's output)")
+
+
+@contextlib.contextmanager
+def _every_rank(what: str) -> Iterator[None]:
+    """The block runs on this rank; then the ranks wait for each other, and if it failed on
+    any of them every rank raises (its own error, or one naming ``what``)."""
+    ok = False
+    try:
+        yield
+        ok = True
+    finally:
+        _all_ok(ok, what)
+    _barrier()
 
 
 # ------------------------------------------------------------------------------ corpus
@@ -214,8 +228,7 @@ def index_corpus(
         raise ValueError(f"vectors: one row per corpus document ({len(corpus)}) and the model they come from are needed")
     rank, world = _rank()
     existing: Optional[pb.CollectionInfo] = None
-    ok = False
-    try:
+    with _every_rank(f"creating collection {collection!r}"):
         try:
             existing = miner.get(collection)
         except NotFound:
@@ -231,12 +244,7 @@ def index_corpus(
                 miner.create(collection, metric, dims=dims, encoder_name=encoder_name)
             else:
                 miner.create(collection, metric)
-        ok = True
-    finally:
-        _all_ok(ok, f"creating collection {collection!r}")
-    _barrier()
-    ok = False
-    try:
+    with _every_rank(f"uploading the corpus to {collection!r}"):
         ids, texts = corpus.ids[rank::world], corpus.texts[rank::world]
         if model is None:
             if existing is None:
@@ -247,19 +255,10 @@ def index_corpus(
                 miner.ingest_vectors(collection, ids, shard, texts)
             else:
                 miner.upload_vectors(collection, encoder_name, ids, shard)
-        ok = True
-    finally:
-        _all_ok(ok, f"uploading the corpus to {collection!r}")
-    _barrier()
     if model is not None and existing is not None:
-        ok = False
-        try:
+        with _every_rank(f"committing {collection!r}"):
             if rank == 0:
                 miner.commit_vectors(collection)
-            ok = True
-        finally:
-            _all_ok(ok, f"committing {collection!r}")
-        _barrier()
     return miner.get(collection)
 
 
@@ -671,8 +670,7 @@ class RefreshCallback(TrainerCallback):
         miner, collection = self.collator.miner, self.collator.collection
         name = f"{self.name_prefix}-{step}"
         rank, world = _rank()
-        ok = False
-        try:
+        with _every_rank(f"refresh of {collection!r} at step {step}"):
             if self.mode == "vectors":
                 corpus = self.collator.corpus
                 ids, texts = corpus.ids[rank::world], corpus.texts[rank::world]
@@ -681,21 +679,12 @@ class RefreshCallback(TrainerCallback):
             elif rank == 0:
                 path = os.path.join(os.fspath(self.checkpoint_root), name)
                 model.save(path)
-            ok = True
-        finally:
-            _all_ok(ok, f"refresh of {collection!r} at step {step}")
-        _barrier()
-        ok = False
-        try:
+        with _every_rank(f"refresh of {collection!r} at step {step}"):
             if rank == 0:
                 if self.mode == "vectors":
                     miner.commit_vectors(collection)
                 else:
                     miner.refresh(collection, name)
-            ok = True
-        finally:
-            _all_ok(ok, f"refresh of {collection!r} at step {step}")
-        _barrier()
         generation = miner.get(collection).generation
         self.collator.min_generation = generation
         self._last_step = step
