@@ -34,7 +34,8 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
-from ._client import Miner, batch as _batch
+from ._client import Miner, batch as _batch, document as _document
+from .rows import document_text
 from .errors import NotFound
 from .v1 import hardneg_pb2 as pb
 
@@ -126,7 +127,7 @@ class Corpus:
         self.ids: List[str] = []
         self.texts: List[str] = []
         self._id_of: Dict[str, str] = {}
-        self._known_ids: set = set()
+        self._position: Dict[str, int] = {}
         if isinstance(documents, Mapping):
             items: Iterable[Tuple[str, str]] = ((str(k), v) for k, v in documents.items())
         else:
@@ -139,22 +140,20 @@ class Corpus:
         if isinstance(d, str):
             return str(i), d
         if isinstance(d, Mapping):
-            doc_id = d.get("id", d.get("_id"))
-            if doc_id is None:
+            if d.get("id", d.get("_id")) is None:
                 raise ValueError(f"documents[{i}] has no id (or _id)")
-            title = (d.get("title") or "").strip()
-            text = d.get("text") or ""
-            return str(doc_id), f"{d.get('title')} {text}" if title else text
+            doc = _document(d)  # id or _id, a blank title left out, as the client sends it
+            return doc.id, document_text(doc)
         raise TypeError(f"documents[{i}]: expected a text or a dict, got {type(d).__name__}")
 
     def _append(self, doc_id: str, text: str) -> None:
         if not isinstance(text, str) or not text.strip():
             return  # the server refuses blank documents; they cannot be negatives
-        if doc_id in self._known_ids:
+        if doc_id in self._position:
             raise ValueError(f"document id {doc_id!r} given twice")
         if text in self._id_of:
             return
-        self._known_ids.add(doc_id)
+        self._position[doc_id] = len(self.ids)
         self._id_of[text] = doc_id
         self.ids.append(doc_id)
         self.texts.append(text)
@@ -165,7 +164,7 @@ class Corpus:
         for text in texts:
             if isinstance(text, str) and text.strip() and text not in self._id_of:
                 doc_id = f"hn-{len(self.ids)}"
-                while doc_id in self._known_ids:
+                while doc_id in self._position:
                     doc_id += "_"
                 self._append(doc_id, text)
                 added.append(doc_id)
@@ -176,12 +175,7 @@ class Corpus:
         return self._id_of.get(text)
 
     def text_of(self, doc_id: str) -> str:
-        return self.texts[self._index()[doc_id]]
-
-    def _index(self) -> Dict[str, int]:
-        if len(getattr(self, "_by_id", ())) != len(self.ids):
-            self._by_id = {d: i for i, d in enumerate(self.ids)}
-        return self._by_id
+        return self.texts[self._position[doc_id]]
 
     def __len__(self) -> int:
         return len(self.ids)
