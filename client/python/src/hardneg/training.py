@@ -34,7 +34,7 @@ import uuid
 from dataclasses import dataclass
 from typing import Any, Callable, Deque, Dict, Iterable, Iterator, List, Literal, Mapping, Optional, Sequence, Tuple, Union
 
-from ._client import Miner, batch as _batch, document as _document
+from ._client import Miner, batch as _batch, document as _document, options as _options
 from .rows import document_text
 from .errors import NotFound
 from .v1 import hardneg_pb2 as pb
@@ -362,11 +362,8 @@ class MiningCollator:
             raise ValueError(f"num_negatives must be at least 1, got {num_negatives}")
         if prefetch < 0:
             raise ValueError(f"prefetch must be 0 or more, got {prefetch}")
-        for reserved in ("return_text",):
-            mine_options.pop(reserved, None)
+        mine_options.pop("return_text", None)  # always on: the negatives' texts become the columns
         # Checked now, not at the first batch: unknown options and bad enum values raise here.
-        from ._client import options as _options
-
         _options(num_negatives=num_negatives, **mine_options)
         self.miner, self.collection, self.corpus, self.model = miner, collection, corpus, model
         self.num_negatives, self.queries, self.prefetch, self.on_short = num_negatives, queries, prefetch, on_short
