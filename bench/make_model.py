@@ -9,6 +9,12 @@ cost: for speed, not for retrieval quality.
   Normalize.
 - `qwen3`: Qwen3-Embedding-0.6B's width (hidden 1024, 16 query heads on 8 key/value heads of
   128, SwiGLU MLP of 3072, head norms, rotary base 1000000), last-token pooling, Normalize.
+- `distilbert`: msmarco-distilbert-base-v4's width (dim 768, 12 heads, MLP of 3072, 6 layers
+  by default as it has), mean pooling, no Normalize; the tokenizer as a `DistilBertTokenizer`.
+- `mpnet`: all-mpnet-base-v2's width (hidden 768, 12 heads, MLP of 3072, 32 relative-position
+  buckets, 514 positions), mean pooling, Normalize; the tokenizer rebuilt as an
+  `MPNetTokenizer` over the same WordPiece vocabulary laid out as microsoft/mpnet-base's
+  (`<s> <pad> </s> <unk>`, the BERT vocabulary, `<mask>`: 30527 tokens for BERT's 30522).
 
     bench/.venv/bin/python bench/make_model.py /tmp/modernbert-base-6 --arch modernbert --layers 6
     python3 bench/compare_st.py --model /tmp/modernbert-base-6 \\
@@ -27,8 +33,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dst", type=Path, help="directory to write the model to")
-    p.add_argument("--arch", choices=["modernbert", "qwen3"], default="modernbert")
-    p.add_argument("--layers", type=int, default=6, help="transformer layers (ModernBERT-base has 22, Qwen3-Embedding-0.6B 28)")
+    p.add_argument("--arch", choices=["modernbert", "qwen3", "distilbert", "mpnet"], default="modernbert")
+    p.add_argument("--layers", type=int, default=6, help="transformer layers (ModernBERT-base has 22, Qwen3-Embedding-0.6B 28, msmarco-distilbert-base-v4 6, all-mpnet-base-v2 12)")
     p.add_argument("--tokenizer", type=Path, default=ROOT / "models" / "all-MiniLM-L6-v2", help="a BERT model directory whose tokenizer to use")
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=7)
@@ -40,6 +46,7 @@ def main() -> None:
     from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.tokenizer))
+    normalize = True
     if args.arch == "modernbert":
         config = transformers.ModernBertConfig(
             vocab_size=tokenizer.vocab_size,
@@ -58,7 +65,7 @@ def main() -> None:
             sep_token_id=tokenizer.sep_token_id,
         )
         body_class, pooling = transformers.ModernBertModel, "mean"
-    else:
+    elif args.arch == "qwen3":
         config = transformers.Qwen3Config(
             vocab_size=tokenizer.vocab_size,
             hidden_size=1024,
@@ -75,13 +82,46 @@ def main() -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
         body_class, pooling = transformers.Qwen3Model, "lasttoken"
+    elif args.arch == "distilbert":
+        tokenizer = transformers.DistilBertTokenizer.from_pretrained(str(args.tokenizer))
+        config = transformers.DistilBertConfig(
+            vocab_size=tokenizer.vocab_size,
+            dim=768,
+            n_layers=args.layers,
+            n_heads=12,
+            hidden_dim=3072,
+            activation="gelu",
+            max_position_embeddings=512,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        body_class, pooling, normalize = transformers.DistilBertModel, "mean", False
+    else:
+        words = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
+        vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + words + ["<mask>"])}
+        tokenizer = transformers.MPNetTokenizer(vocab=vocab, do_lower_case=True)
+        config = transformers.MPNetConfig(
+            vocab_size=len(vocab),
+            hidden_size=768,
+            num_hidden_layers=args.layers,
+            num_attention_heads=12,
+            intermediate_size=3072,
+            hidden_act="gelu",
+            max_position_embeddings=514,
+            relative_attention_num_buckets=32,
+            layer_norm_eps=1e-5,
+            pad_token_id=1,
+            bos_token_id=0,
+            eos_token_id=2,
+        )
+        body_class, pooling = transformers.MPNetModel, "mean"
     torch.manual_seed(args.seed)
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as body, contextlib.redirect_stderr(io.StringIO()):
         body_class(config).eval().save_pretrained(body, safe_serialization=True)
         tokenizer.save_pretrained(body)
         word = Transformer(body, max_seq_length=args.max_seq_length)
-        model = SentenceTransformer(modules=[word, Pooling(word.get_embedding_dimension(), pooling), Normalize()], device="cpu")
+        modules = [word, Pooling(word.get_embedding_dimension(), pooling)] + ([Normalize()] if normalize else [])
+        model = SentenceTransformer(modules=modules, device="cpu")
         shutil.rmtree(args.dst, ignore_errors=True)
         model.save(str(args.dst))
     print(f"wrote {args.dst}: {args.arch}, {args.layers} layers of hidden {config.hidden_size}, {sum(t.numel() for t in model.parameters()) / 1e6:.0f}M parameters")

@@ -30,7 +30,7 @@ fn cases() -> Vec<(String, PathBuf, Value)> {
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(out.len() >= 28, "fixtures missing: {}", out.len());
+    assert!(out.len() >= 32, "fixtures missing: {}", out.len());
     out
 }
 
@@ -230,6 +230,12 @@ async fn unsupported_models_are_refused_by_name() {
         (
             broken(&models, "bert-mean", "1_Pooling/config.json", |v| v["pooling_mode"] = "attention".into()),
             "1_Pooling/config.json pooling_mode: \"attention\"",
+        ),
+        (broken(&models, "distilbert-mean", "config.json", |v| v["activation"] = "silu".into()), "config.json activation: \"silu\""),
+        (
+            // transformers buckets into 32 whatever the table holds: a smaller table cannot run there.
+            broken(&models, "mpnet-cls", "config.json", |v| v["relative_attention_num_buckets"] = 16.into()),
+            "config.json relative_attention_num_buckets: 16",
         ),
     ];
     // At start: the process exits non-zero, its log naming the file and key.

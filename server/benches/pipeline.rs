@@ -538,10 +538,19 @@ fn mine_p50(rt: &tokio::runtime::Runtime, engine: &Engine, collection: &str, que
 /// the same tokenized batches in the same run.
 fn bench_architectures(rt: &tokio::runtime::Runtime) {
     let fixtures = root().join("tests/fixtures/models");
-    println!("\n## encoder per architecture: tiny random fixtures (hidden 32, 2-3 layers), their 9 texts x 64, batch 32");
+    println!("\n## encoder per architecture: tiny random fixtures (hidden 32, 2-3 layers), their 9-10 texts x 64, batch 32");
     println!("| fixture | plain forward (tokens/s) | hardneg encoder (tokens/s) | ratio |");
     println!("| --- | --- | --- | --- |");
-    for name in ["bert-mean-normalize", "bert-mean-dense-normalize", "xlm-roberta-mean-normalize", "modernbert-mean-normalize", "qwen3-lasttoken-normalize"] {
+    let names = [
+        "bert-mean-normalize",
+        "bert-mean-dense-normalize",
+        "xlm-roberta-mean-normalize",
+        "distilbert-mean",
+        "mpnet-mean-normalize",
+        "modernbert-mean-normalize",
+        "qwen3-lasttoken-normalize",
+    ];
+    for name in names {
         let dir = fixtures.join(name);
         let expected: serde_json::Value = serde_json::from_slice(&std::fs::read(dir.join("expected.json")).unwrap()).unwrap();
         let texts: Vec<String> = expected["texts"].as_array().unwrap().iter().map(|t| t.as_str().unwrap().to_string()).collect();

@@ -147,6 +147,10 @@ TEXTS = [
     LONG_OUT_OF_VOCAB,
 ]
 
+# MPNet counts positions from the ids (like RoBERTa): a "<pad>" the tokenizer finds inside a text takes
+# the padding position and shifts the rest.
+MPNET_TEXTS = TEXTS + ["A man <pad> is eating food."]
+
 MINILM_TEXTS = [
     "A man is eating food.",
     "A man is eating pasta.",
@@ -236,8 +240,9 @@ def added_tokens_decoder(tok: Tokenizer, specials: list[str], lstrip: tuple[str,
     }
 
 
-def build_bert_tokenizer(dst: Path, model_max_length: int) -> int:
-    """WordPiece like bert-base-uncased: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4."""
+def build_bert_tokenizer(dst: Path, model_max_length: int, tokenizer_class: str = "BertTokenizer") -> int:
+    """WordPiece like bert-base-uncased: [PAD]=0 [UNK]=1 [CLS]=2 [SEP]=3 [MASK]=4. DistilBERT ships the same
+    files with tokenizer_class DistilBertTokenizer (whose model_input_names leave out token_type_ids)."""
     specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
     normalizer = normalizers.BertNormalizer(
         clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
@@ -271,7 +276,56 @@ def build_bert_tokenizer(dst: Path, model_max_length: int) -> int:
             "sep_token": "[SEP]",
             "strip_accents": None,
             "tokenize_chinese_chars": True,
-            "tokenizer_class": "BertTokenizer",
+            "tokenizer_class": tokenizer_class,
+            "unk_token": "[UNK]",
+        },
+    )
+    return tok.get_vocab_size()
+
+
+def build_mpnet_tokenizer(dst: Path, model_max_length: int) -> int:
+    """WordPiece like sentence-transformers/all-mpnet-base-v2 (microsoft/mpnet-base's vocabulary):
+    <s>=0 <pad>=1 </s>=2 <unk>=3, then BERT's [PAD] [UNK] [CLS] [SEP] [MASK] and pieces, <mask> last;
+    unk_token [UNK]; lowercase; <s> $A </s> (RobertaProcessing); no token_type_ids; MPNetTokenizer."""
+    head = ["<s>", "<pad>", "</s>", "<unk>"]
+    bert_specials = ["[PAD]", "[UNK]", "[CLS]", "[SEP]", "[MASK]"]
+    normalizer = normalizers.BertNormalizer(
+        clean_text=True, handle_chinese_chars=True, strip_accents=None, lowercase=True
+    )
+    pre_tokenizer = pre_tokenizers.BertPreTokenizer()
+    pieces = wordpiece_vocab(normalizer, pre_tokenizer, size=240 - len(head) - len(bert_specials) - 1)
+    vocab = head + bert_specials + pieces + ["<mask>"]
+    tok = Tokenizer(
+        models.WordPiece({t: i for i, t in enumerate(vocab)}, unk_token="[UNK]", max_input_chars_per_word=100)
+    )
+    tok.normalizer = normalizer
+    tok.pre_tokenizer = pre_tokenizer
+    tok.decoder = decoders.WordPiece(prefix="##")
+    specials = head + ["[UNK]", "<mask>"]
+    tok.add_special_tokens(
+        [tokenizers.AddedToken(s, special=True, normalized=False, lstrip=(s == "<mask>")) for s in specials]
+    )
+    tok.post_processor = processors.RobertaProcessing(
+        ("</s>", tok.token_to_id("</s>")), ("<s>", tok.token_to_id("<s>")), trim_offsets=True, add_prefix_space=False
+    )
+    dst.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dst / "tokenizer.json"))
+    write_json(
+        dst / "tokenizer_config.json",
+        {
+            "added_tokens_decoder": added_tokens_decoder(tok, specials, lstrip=("<mask>",)),
+            "bos_token": "<s>",
+            "clean_up_tokenization_spaces": True,
+            "cls_token": "<s>",
+            "do_lower_case": True,
+            "eos_token": "</s>",
+            "mask_token": "<mask>",
+            "model_max_length": model_max_length,
+            "pad_token": "<pad>",
+            "sep_token": "</s>",
+            "strip_accents": None,
+            "tokenize_chinese_chars": True,
+            "tokenizer_class": "MPNetTokenizer",
             "unk_token": "[UNK]",
         },
     )
@@ -556,6 +610,41 @@ def make_xlmr_hub(dst: Path) -> None:
     save_backbone(transformers.XLMRobertaModel(config), dst, seed=202)
 
 
+def make_distilbert_hub(dst: Path) -> None:
+    vocab_size = build_bert_tokenizer(dst, model_max_length=40, tokenizer_class="DistilBertTokenizer")
+    config = transformers.DistilBertConfig(
+        vocab_size=vocab_size,
+        dim=32,
+        n_layers=2,
+        n_heads=4,
+        hidden_dim=64,
+        activation="gelu",
+        max_position_embeddings=48,
+        sinusoidal_pos_embds=False,
+        pad_token_id=0,
+    )
+    save_backbone(transformers.DistilBertModel(config), dst, seed=505)
+
+
+def make_mpnet_hub(dst: Path) -> None:
+    vocab_size = build_mpnet_tokenizer(dst, model_max_length=128)
+    config = transformers.MPNetConfig(
+        vocab_size=vocab_size,
+        hidden_size=32,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        intermediate_size=64,
+        hidden_act="gelu",
+        max_position_embeddings=130,  # 128 + padding_idx + 1, as all-mpnet-base-v2 has 514 for 512
+        relative_attention_num_buckets=32,
+        layer_norm_eps=1e-5,
+        pad_token_id=1,
+        bos_token_id=0,
+        eos_token_id=2,
+    )
+    save_backbone(transformers.MPNetModel(config), dst, seed=606)
+
+
 def make_modernbert_hub(dst: Path) -> None:
     ids = build_modernbert_tokenizer(dst, model_max_length=48)
     config = transformers.ModernBertConfig(
@@ -607,6 +696,8 @@ def make_qwen3_hub(dst: Path) -> None:
 HUBS: dict[str, Callable[[Path], None]] = {
     "bert": make_bert_hub,
     "xlm-roberta": make_xlmr_hub,
+    "distilbert": make_distilbert_hub,
+    "mpnet": make_mpnet_hub,
     "modernbert": make_modernbert_hub,
     "qwen3": make_qwen3_hub,
 }
@@ -791,6 +882,7 @@ def case(name: str, family: str, pooling: str | tuple[str, ...], description: st
         "edit": kw.get("edit"),
         "edit_note": kw.get("edit_note"),
         "max_seq_length_source": kw.get("max_seq_length_source"),
+        "texts": kw.get("texts", TEXTS),
     }
 
 
@@ -883,6 +975,22 @@ CASES: list[dict] = [
          max_seq_length_source=TC),
     case("xlm-roberta-cls", "xlm-roberta", "cls", "XLM-R, cls pooling, no Normalize.", normalize=False,
          max_seq_length_source=TC),
+    # ---- distilbert ----------------------------------------------------------------------------------
+    case("distilbert-mean", "distilbert", "mean",
+         "DistilBERT (no token types, positions from 0), WordPiece, mean, no Normalize, cosine: as "
+         "sentence-transformers/msmarco-distilbert-base-v4.",
+         normalize=False, max_seq_length_source=TC),
+    case("distilbert-cls-normalize", "distilbert", "cls", "DistilBERT, cls pooling, Normalize.",
+         max_seq_length_source=TC),
+    # ---- mpnet ---------------------------------------------------------------------------------------
+    case("mpnet-mean-normalize", "mpnet", "mean",
+         "MPNet (relative attention bias in 32 buckets, positions from padding_idx + 1 counted on the ids), "
+         "WordPiece with <s> </s>, mean, Normalize, max length 128 (every bucket reached): as "
+         "all-mpnet-base-v2. A 10th text has a <pad> inside.",
+         texts=MPNET_TEXTS, max_seq_length_source=TC),
+    case("mpnet-cls", "mpnet", "cls",
+         "MPNet, cls pooling, no Normalize, similarity_fn_name 'dot': as multi-qa-mpnet-base-dot-v1.",
+         normalize=False, similarity_fn_name="dot", texts=MPNET_TEXTS, max_seq_length_source=TC),
     # ---- modernbert ----------------------------------------------------------------------------------
     case("modernbert-mean-normalize", "modernbert", "mean",
          "ModernBERT, 3 layers [global, local(window 8 = +-4), global], mean, Normalize; config.json as "
@@ -908,6 +1016,8 @@ CASES: list[dict] = [
 FAMILY_BASE = {
     "bert": "bert-mean-normalize",
     "xlm-roberta": "xlm-roberta-mean-normalize",
+    "distilbert": "distilbert-mean",
+    "mpnet": "mpnet-mean-normalize",
     "modernbert": "modernbert-mean-normalize",
     "qwen3": "qwen3-lasttoken-normalize",
 }
@@ -1256,9 +1366,10 @@ def generate(only: set[str] | None, link: bool) -> None:
                 shutil.rmtree(d)
             model = build_case(spec, hubs[spec["family"]])
             model.save(str(d), create_model_card=False)
+            texts = spec["texts"]
             in_memory = {
-                "encode_query": model.encode_query(TEXTS, batch_size=BATCH_SIZE, convert_to_numpy=True),
-                "encode_document": model.encode_document(TEXTS, batch_size=BATCH_SIZE, convert_to_numpy=True),
+                "encode_query": model.encode_query(texts, batch_size=BATCH_SIZE, convert_to_numpy=True),
+                "encode_document": model.encode_document(texts, batch_size=BATCH_SIZE, convert_to_numpy=True),
             }
             if spec["edit"]:
                 spec["edit"](d)
@@ -1268,8 +1379,8 @@ def generate(only: set[str] | None, link: bool) -> None:
                 linked = dedupe_with_symlinks(d, OUT / base)
 
             is_base = spec["name"] == base
-            ref = reference_outputs(d, TEXTS, token_embeddings=is_base)
-            again = reference_outputs(d, TEXTS, token_embeddings=is_base)
+            ref = reference_outputs(d, texts, token_embeddings=is_base)
+            again = reference_outputs(d, texts, token_embeddings=is_base)
             reload_diff = compare_embeddings(ref, again)
             saved_vs_memory = None
             if not spec["edit"] and spec["max_seq_length"] is None:

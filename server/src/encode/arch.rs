@@ -1,19 +1,22 @@
 //! Transformer bodies by `config.json` `model_type`: BERT and XLM-RoBERTa (our fused body,
-//! positions offset by the padding index for the latter), ModernBERT (our body: global and
-//! sliding-window attention layers in any order, two rotary bases) and Qwen3 (our decoder
-//! body). Any other `model_type` is refused by name, never loaded as
-//! something else. A new family is one file plus one match arm here.
+//! positions offset by the padding index for the latter), DistilBERT and MPNet (the same body
+//! under their own names; MPNet with its relative attention bias), ModernBERT (our body:
+//! global and sliding-window attention layers in any order, two rotary bases) and Qwen3 (our
+//! decoder body). Any other `model_type` is refused by name, never loaded as something else.
+//! A new family is one file plus one match arm here.
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
-use candle_transformers::models::bert::{Config as BertConfig, HiddenAct, PositionEmbeddingType};
+use candle_transformers::models::bert::{Config as BertConfig, PositionEmbeddingType};
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::body::BertBody;
+use super::body::{BertBody, hidden_act};
+use super::distilbert::{self, DistilBertConfig};
 use super::modernbert::{ModernBertBody, ModernBertSpec};
+use super::mpnet::{self, MpnetConfig};
 use super::qwen3::{Qwen3Body, Qwen3Config};
 
-pub const SUPPORTED: &str = "bert, xlm-roberta, modernbert, qwen3";
+pub const SUPPORTED: &str = "bert, xlm-roberta, distilbert, mpnet, modernbert, qwen3";
 
 /// A loaded body: token ids in, hidden states (batch, len, hidden) out.
 pub enum Body {
@@ -97,12 +100,7 @@ fn gelu() -> String {
 
 impl BertFamilyConfig {
     fn to_candle(&self) -> std::result::Result<BertConfig, LoadFailure> {
-        let hidden_act = match self.hidden_act.as_str() {
-            "gelu" => HiddenAct::Gelu,
-            "gelu_new" | "gelu_pytorch_tanh" => HiddenAct::GeluApproximate,
-            "relu" => HiddenAct::Relu,
-            other => return Err(LoadFailure::Config(format!("config.json hidden_act: {other:?} is not supported (gelu, gelu_new, relu)"))),
-        };
+        let hidden_act = hidden_act("hidden_act", &self.hidden_act).map_err(LoadFailure::Config)?;
         match self.position_embedding_type.as_deref() {
             None | Some("absolute") => {}
             Some(other) => {
@@ -259,6 +257,20 @@ impl Body {
                     max_positions: cfg.max_position_embeddings - offset as usize,
                     pad_id: pad,
                 };
+                Ok((Body::Bert(body), info))
+            }
+            "distilbert" => {
+                let file: DistilBertConfig = parse(config)?;
+                let cfg = file.to_bert().map_err(LoadFailure::Config)?;
+                let body = distilbert::load(vb, &cfg)?;
+                let info = BodyInfo { hidden: cfg.hidden_size, max_positions: cfg.max_position_embeddings, pad_id: file.pad_id() };
+                Ok((Body::Bert(body), info))
+            }
+            "mpnet" => {
+                let file: MpnetConfig = parse(config)?;
+                let cfg = file.to_bert().map_err(LoadFailure::Config)?;
+                let body = mpnet::load(vb, &file, &cfg)?;
+                let info = BodyInfo { hidden: cfg.hidden_size, max_positions: file.max_positions(), pad_id: file.pad_id() };
                 Ok((Body::Bert(body), info))
             }
             "modernbert" => {

@@ -9,7 +9,8 @@
 //! queries and keys on the way in (positions counted from each sequence's start), after an
 //! RMS norm per head where the model has one; a sliding window (each token attends to those
 //! at most `window` positions away); causal attention (each token attends to those before it
-//! and itself); and fewer key/value heads than query heads (grouped-query attention).
+//! and itself); and fewer key/value heads than query heads (grouped-query attention). And
+//! MPNet's: a bias per head added to the scores by the key's position relative to the query's.
 use std::cell::RefCell;
 
 use candle_core::{CpuStorage, CustomOp1, Device, Layout, Result, Shape, Tensor};
@@ -89,6 +90,52 @@ fn rms_norm(v: &mut [f32], weight: &[f32], eps: f32) {
     }
 }
 
+/// A bias added to each head's attention scores that depends only on the key's position
+/// relative to the query's (MPNet's bucketed relative positions): `values[head][r + reach]` for
+/// a key `r` positions after the query (before, when negative), the same beyond `reach`.
+pub struct RelativeBias {
+    values: Vec<f32>,
+    heads: usize,
+    reach: usize,
+}
+
+impl RelativeBias {
+    /// `values` holds, per head, the biases for relative positions -`reach` ..= `reach`.
+    pub fn new(values: Vec<f32>, heads: usize, reach: usize) -> Result<Self> {
+        if values.len() != heads * (2 * reach + 1) {
+            candle_core::bail!("relative attention bias: {} values for {heads} heads of -{reach}..={reach}", values.len());
+        }
+        Ok(RelativeBias { values, heads, reach })
+    }
+
+    pub fn heads(&self) -> usize {
+        self.heads
+    }
+
+    /// Adds head `head`'s biases to `row`, the scores of keys at relative positions `first`,
+    /// `first + 1`, ...
+    fn add_to(&self, head: usize, row: &mut [f32], first: isize) {
+        let width = 2 * self.reach + 1;
+        let table = &self.values[head * width..][..width];
+        let reach = self.reach as isize;
+        for (j, score) in row.iter_mut().enumerate() {
+            *score += table[((first + j as isize).clamp(-reach, reach) + reach) as usize];
+        }
+    }
+
+    /// The biases as a (1, heads, len, len) tensor (query rows, key columns) for the padded
+    /// path on candle's operations.
+    pub fn tensor(&self, len: usize, dtype: candle_core::DType, device: &Device) -> Result<Tensor> {
+        let mut out = vec![0f32; self.heads * len * len];
+        for (head, block) in out.chunks_exact_mut(len * len).enumerate() {
+            for (i, row) in block.chunks_exact_mut(len).enumerate() {
+                self.add_to(head, row, -(i as isize));
+            }
+        }
+        Tensor::from_vec(out, (1, self.heads, len, len), device)?.to_dtype(dtype)
+    }
+}
+
 /// What an attention layer adds to the plain form.
 #[derive(Clone, Copy)]
 pub struct Options<'a> {
@@ -103,13 +150,15 @@ pub struct Options<'a> {
     /// Key/value heads, when fewer than the query heads (each serves heads / kv_heads of
     /// them, in order); `qkv` then holds heads, kv_heads and kv_heads vectors per token.
     pub kv_heads: Option<usize>,
+    /// Add a bias by relative position to the scaled scores, before the softmax.
+    pub relative: Option<&'a RelativeBias>,
     /// Query rows per unit of work ([`BLOCK_ROWS`]; smaller in tests).
     pub block_rows: usize,
 }
 
 impl Default for Options<'_> {
     fn default() -> Self {
-        Options { rotary: None, head_norm: None, window: None, causal: false, kv_heads: None, block_rows: BLOCK_ROWS }
+        Options { rotary: None, head_norm: None, window: None, causal: false, kv_heads: None, relative: None, block_rows: BLOCK_ROWS }
     }
 }
 
@@ -140,6 +189,11 @@ pub fn attention_with(qkv: &Tensor, lens: &[usize], heads: usize, head_dim: usiz
         {
             candle_core::bail!("fused attention: a sequence of {longest} tokens, rotary tables for {}", rotary.positions);
         }
+    }
+    if let Some(relative) = options.relative
+        && relative.heads != heads
+    {
+        candle_core::bail!("fused attention: relative biases for {} heads, {heads} heads", relative.heads);
     }
     qkv.contiguous()?.apply_op1_no_bwd(&Attention { lens: lens.to_vec(), heads, head_dim, options })
 }
@@ -264,6 +318,11 @@ impl Attention<'_> {
         } else {
             let (q, k) = (&seq[r0 * stride + q_at..], &seq[lo * stride + k_at..]);
             super::gemm_nt_single(kernels, rows, keys, d, scale, q, stride, k, stride, scores, keys);
+        }
+        if let Some(relative) = options.relative {
+            for (i, row) in scores.chunks_exact_mut(keys).enumerate() {
+                relative.add_to(head, row, lo as isize - (r0 + i) as isize);
+            }
         }
         if options.window.is_none() && !options.causal {
             simd::softmax_rows(scores, keys);

@@ -145,11 +145,22 @@ struct Variant {
     causal: bool,
     /// Key/value heads (default: as many as query heads).
     kv_heads: Option<usize>,
+    /// Add `relative_bias(head, key - query)` to the scores.
+    relative: bool,
+}
+
+/// A bias by head and relative position for the tests: distinct per head and side, constant
+/// beyond +-`RELATIVE_REACH`.
+const RELATIVE_REACH: usize = 3;
+
+fn relative_bias(head: usize, relative: isize) -> f32 {
+    let r = relative.clamp(-(RELATIVE_REACH as isize), RELATIVE_REACH as isize);
+    (head as f32 + 1.0) * 0.3 * r as f32 - 0.2 * (r * r) as f32 + 0.1
 }
 
 /// Attention by the formula in f64.
 fn attention_reference(qkv: &[f32], lens: &[usize], heads: usize, d: usize, variant: Variant) -> Vec<f32> {
-    let Variant { theta, window, causal, kv_heads } = variant;
+    let Variant { theta, window, causal, kv_heads, relative } = variant;
     let kv_heads = kv_heads.unwrap_or(heads);
     let hidden = heads * d;
     let stride = hidden + 2 * kv_heads * d;
@@ -177,7 +188,9 @@ fn attention_reference(qkv: &[f32], lens: &[usize], heads: usize, d: usize, vari
             for t in 0..n {
                 let q = turn(row(t, 0), t);
                 let seen: Vec<usize> = (0..n).filter(|&u| window.is_none_or(|w| t.abs_diff(u) <= w) && (!causal || u <= t)).collect();
-                let scores: Vec<f64> = seen.iter().map(|&u| q.iter().zip(turn(row(u, 1), u)).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt()).collect();
+                let bias = |u: usize| if relative { relative_bias(h, u as isize - t as isize) as f64 } else { 0.0 };
+                let scores: Vec<f64> =
+                    seen.iter().map(|&u| q.iter().zip(turn(row(u, 1), u)).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt() + bias(u)).collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = scores.iter().map(|v| (v - max).exp()).sum();
                 for c in 0..d {
@@ -209,18 +222,24 @@ fn fused_attention_matches_the_formula_on_packed_sequences() {
 
 #[test]
 fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
-    // ModernBERT's layers (rotary embeddings, with and without a window of +-3) and Qwen3's
-    // (rotary, causal, 4 query heads on 2 key/value heads), in blocks of 4 query rows
+    // ModernBERT's layers (rotary embeddings, with and without a window of +-3), Qwen3's
+    // (rotary, causal, 4 query heads on 2 key/value heads) and MPNet's (a bias by relative
+    // position), in blocks of 4 query rows
     // (sequences longer than a block, one shorter, one of a single token) and whole.
     let (lens, heads, d) = ([13usize, 5, 0, 1, 9], 4, 8);
     let tokens: usize = lens.iter().sum();
     let rotary = attention::Rotary::new(d, 10_000.0, 16);
     let theta = Some(10_000.0);
+    let reach = RELATIVE_REACH as isize;
+    let table: Vec<f32> = (0..heads).flat_map(|h| (-reach..=reach).map(move |r| relative_bias(h, r))).collect();
+    let relative = attention::RelativeBias::new(table, heads, RELATIVE_REACH).unwrap();
     let variants = [
         Variant { theta, ..Variant::default() },
         Variant { theta, window: Some(3), ..Variant::default() },
         Variant { theta, causal: true, kv_heads: Some(2), ..Variant::default() },
         Variant { causal: true, window: Some(2), ..Variant::default() },
+        // MPNet's: a bias by relative position, constant past the table's reach.
+        Variant { relative: true, ..Variant::default() },
     ];
     for variant in variants {
         let width = (heads + 2 * variant.kv_heads.unwrap_or(heads)) * d;
@@ -234,13 +253,20 @@ fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
                     window: variant.window,
                     causal: variant.causal,
                     kv_heads: variant.kv_heads,
+                    relative: variant.relative.then_some(&relative),
                     block_rows,
                     ..attention::Options::default()
                 };
                 let qkv_t = Tensor::from_slice(&qkv, (tokens, width), &Device::Cpu).unwrap();
                 let got = attention::attention_with(&qkv_t, &lens, heads, d, options).unwrap().flatten_all().unwrap().to_vec1::<f32>().unwrap();
                 let diff = max_abs_diff(&got, &want);
-                assert!(diff < 1e-5, "{choice:?}, {:?} window, causal {}, blocks of {block_rows}: max |difference| {diff}", variant.window, variant.causal);
+                assert!(
+                    diff < 1e-5,
+                    "{choice:?}, {:?} window, causal {}, relative {}, blocks of {block_rows}: max |difference| {diff}",
+                    variant.window,
+                    variant.causal,
+                    variant.relative
+                );
             }
         }
     }
@@ -254,19 +280,18 @@ fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
 
 /// A committed fixture's body: right padding runs packed, any other mask padded; both give
 /// the padded body's hidden states on candle's operations at every unmasked position, for
-/// sequences of up to 20 tokens (ids below `vocab`).
-fn body_matches_candle_with_any_mask(fixture: &str, model_type: &str, vocab: u32) {
+/// sequences of up to `l` (at least 20) tokens (ids below `vocab`, none of the first five).
+fn body_matches_candle_with_any_mask(fixture: &str, model_type: &str, vocab: u32, l: usize) {
     use crate::encode::arch::Body;
     let dir = PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("../tests/fixtures/models").join(fixture);
     let config = std::fs::read(dir.join("config.json")).unwrap();
     let weights = std::fs::read(dir.join("model.safetensors")).unwrap();
     let vb = candle_nn::VarBuilder::from_buffered_safetensors(weights, candle_core::DType::F32, &Device::Cpu).unwrap();
     let Ok((body, _)) = Body::load(model_type, &config, vb) else { panic!("{fixture} does not load") };
-    let l = 20;
     let ids: Vec<u32> = (0..3 * l).map(|i| (i as u32 * 37 + 11) % (vocab - 5) + 5).collect();
     let ids = Tensor::from_vec(ids, (3, l), &Device::Cpu).unwrap();
     let types = ids.zeros_like().unwrap();
-    let lengths = [17usize, 20, 6];
+    let lengths = [l - 3, l, 6];
     let prefix: Vec<u32> = lengths.iter().flat_map(|&n| (0..l).map(move |t| (t < n) as u32)).collect();
     let gaps: Vec<u32> = (0..3 * l).map(|i| u32::from(!(i % l == 2 || i >= 2 * l + 15 || i < 2 * l && i >= l + 18))).collect();
     for mask in [prefix, gaps] {
@@ -286,13 +311,26 @@ fn body_matches_candle_with_any_mask(fixture: &str, model_type: &str, vocab: u32
 /// ModernBERT: global, sliding (+-4), global layers.
 #[test]
 fn the_modernbert_body_matches_candle_with_any_mask() {
-    body_matches_candle_with_any_mask("modernbert-mean-normalize", "modernbert", 300);
+    body_matches_candle_with_any_mask("modernbert-mean-normalize", "modernbert", 300, 20);
 }
 
 /// Qwen3: causal, 4 query heads on 2 key/value heads, head norms.
 #[test]
 fn the_qwen3_body_matches_candle_with_any_mask() {
-    body_matches_candle_with_any_mask("qwen3-lasttoken-normalize", "qwen3", 330);
+    body_matches_candle_with_any_mask("qwen3-lasttoken-normalize", "qwen3", 330, 20);
+}
+
+/// DistilBERT: BERT's layers under other names, no token types.
+#[test]
+fn the_distilbert_body_matches_candle_with_any_mask() {
+    body_matches_candle_with_any_mask("distilbert-mean", "distilbert", 240, 20);
+}
+
+/// MPNet: the relative attention bias in the fused attention and as a tensor on candle's,
+/// over distances past the last bucket's (91).
+#[test]
+fn the_mpnet_body_matches_candle_with_any_mask() {
+    body_matches_candle_with_any_mask("mpnet-mean-normalize", "mpnet", 240, 120);
 }
 
 #[test]
