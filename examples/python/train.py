@@ -47,7 +47,7 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--steps", type=int, help="optimizer steps (default: --epochs over the pairs)")
     p.add_argument("--epochs", type=float, default=1.0)
     p.add_argument("--batch-size", type=int, default=16, help="pairs per batch (per process under torchrun)")
-    p.add_argument("--negatives", type=int, default=2, help="mined negatives per pair")
+    p.add_argument("--negatives", type=int, default=3, help="mined negatives per pair")
     p.add_argument("--preset", default="denoised", choices=["denoised", "none"], help="mining preset")
     p.add_argument("--refresh-every", type=int, default=50, help="steps between index refreshes (0: never)")
     p.add_argument("--prefetch", type=int, default=2, help="batches mined ahead of the step training (0: mine each batch when collated)")

@@ -308,9 +308,10 @@ class MiningCollator:
       row with the same anchor. Positives that are not in ``corpus`` cannot be mined, and have
       no score for the margins (a warning says so once): add them to the corpus before
       indexing it (``corpus.add(dataset["positive"])``), as ``mine_hard_negatives`` does.
-    - ``num_negatives`` and every other ``MineOptions`` field as keyword arguments (``preset``,
-      ``range_max``, ``relative_margin``, ``sampling``, ``rerank``, ...), the user's own; the
-      batch's other positives are excluded by the server (``exclude_batch_positives``).
+    - ``num_negatives`` (default 3, as ``mine_hard_negatives``) and every other ``MineOptions``
+      field as keyword arguments (``preset``, ``range_max``, ``relative_margin``, ``sampling``,
+      ``rerank``, ...), the user's own; the batch's other positives are excluded by the server
+      (``exclude_batch_positives``).
     - ``min_generation``: the newest generation a :class:`RefreshCallback` made.
 
     The negatives come back as text and become the columns ``negative_1`` .. ``negative_n``.
@@ -337,7 +338,7 @@ class MiningCollator:
         corpus: Corpus,
         model: Optional["SentenceTransformer"] = None,
         *,
-        num_negatives: int = 1,
+        num_negatives: int = 3,
         queries: Literal["vectors", "text"] = "vectors",
         prefetch: int = 2,
         on_short: OnShort = "random",
