@@ -15,6 +15,16 @@ cost: for speed, not for retrieval quality.
   buckets, 514 positions), mean pooling, Normalize; the tokenizer rebuilt as an
   `MPNetTokenizer` over the same WordPiece vocabulary laid out as microsoft/mpnet-base's
   (`<s> <pad> </s> <unk>`, the BERT vocabulary, `<mask>`: 30527 tokens for BERT's 30522).
+- `qwen2`: gte-Qwen2-1.5B-instruct's width (hidden 1536, 12 query heads on 2 key/value heads of
+  128, q/k/v biases, SwiGLU MLP of 8960, rotary base 1000000, 131072 positions, no sliding
+  window), last-token pooling, Normalize.
+- `gemma3`: EmbeddingGemma-300m's width (hidden 768, 3 query heads on 1 key/value head of 256,
+  GeGLU (tanh) MLP of 1152, bidirectional, sliding window 512 (+-256) with every sixth layer
+  global, rotary bases 1000000 / 10000, `query_pre_attn_scalar` 256, 2048 positions), mean
+  pooling, Dense 768 -> 3072 -> 768 (Identity, no bias), Normalize.
+
+The tokenizer is the BERT model's WordPiece for every architecture (its vocabulary sizes the
+embeddings): it decides the token counts, not the cost per token.
 
     bench/.venv/bin/python bench/make_model.py /tmp/modernbert-base-6 --arch modernbert --layers 6
     python3 bench/compare_st.py --model /tmp/modernbert-base-6 \\
@@ -33,8 +43,14 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dst", type=Path, help="directory to write the model to")
-    p.add_argument("--arch", choices=["modernbert", "qwen3", "distilbert", "mpnet"], default="modernbert")
-    p.add_argument("--layers", type=int, default=6, help="transformer layers (ModernBERT-base has 22, Qwen3-Embedding-0.6B 28, msmarco-distilbert-base-v4 6, all-mpnet-base-v2 12)")
+    p.add_argument("--arch", choices=["modernbert", "qwen3", "distilbert", "mpnet", "qwen2", "gemma3"], default="modernbert")
+    p.add_argument(
+        "--layers",
+        type=int,
+        default=6,
+        help="transformer layers (ModernBERT-base has 22, Qwen3-Embedding-0.6B 28, msmarco-distilbert-base-v4 6, "
+        "all-mpnet-base-v2 12, gte-Qwen2-1.5B-instruct 28, EmbeddingGemma-300m 24)",
+    )
     p.add_argument("--tokenizer", type=Path, default=ROOT / "models" / "all-MiniLM-L6-v2", help="a BERT model directory whose tokenizer to use")
     p.add_argument("--max-seq-length", type=int, default=256)
     p.add_argument("--seed", type=int, default=7)
@@ -43,10 +59,11 @@ def main() -> None:
     import torch
     import transformers
     from sentence_transformers import SentenceTransformer
-    from sentence_transformers.sentence_transformer.modules import Normalize, Pooling, Transformer
+    from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.tokenizer))
     normalize = True
+    dense: list[int] = []  # Dense output widths after pooling (Identity, no bias)
     if args.arch == "modernbert":
         config = transformers.ModernBertConfig(
             vocab_size=tokenizer.vocab_size,
@@ -95,7 +112,7 @@ def main() -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
         body_class, pooling, normalize = transformers.DistilBertModel, "mean", False
-    else:
+    elif args.arch == "mpnet":
         words = [t for t, _ in sorted(tokenizer.get_vocab().items(), key=lambda kv: kv[1])]
         vocab = {t: i for i, t in enumerate(["<s>", "<pad>", "</s>", "<unk>"] + words + ["<mask>"])}
         tokenizer = transformers.MPNetTokenizer(vocab=vocab, do_lower_case=True)
@@ -114,13 +131,55 @@ def main() -> None:
             eos_token_id=2,
         )
         body_class, pooling = transformers.MPNetModel, "mean"
+    elif args.arch == "qwen2":
+        config = transformers.Qwen2Config(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=1536,
+            intermediate_size=8960,
+            num_hidden_layers=args.layers,
+            num_attention_heads=12,
+            num_key_value_heads=2,
+            hidden_act="silu",
+            max_position_embeddings=131072,
+            rms_norm_eps=1e-6,
+            rope_theta=1000000.0,
+            use_sliding_window=False,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        body_class, pooling = transformers.Qwen2Model, "lasttoken"
+    else:
+        config = transformers.Gemma3TextConfig(
+            vocab_size=tokenizer.vocab_size,
+            hidden_size=768,
+            intermediate_size=1152,
+            num_hidden_layers=args.layers,
+            num_attention_heads=3,
+            num_key_value_heads=1,
+            head_dim=256,
+            hidden_activation="gelu_pytorch_tanh",
+            max_position_embeddings=2048,
+            rms_norm_eps=1e-6,
+            query_pre_attn_scalar=256,
+            sliding_window=512,
+            layer_types=["full_attention" if (i + 1) % 6 == 0 else "sliding_attention" for i in range(args.layers)],
+            rope_parameters={
+                "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+                "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+            },
+            use_bidirectional_attention=True,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        body_class, pooling, dense = transformers.Gemma3TextModel, "mean", [3072, 768]
     torch.manual_seed(args.seed)
     transformers.logging.disable_progress_bar()
     with tempfile.TemporaryDirectory() as body, contextlib.redirect_stderr(io.StringIO()):
         body_class(config).eval().save_pretrained(body, safe_serialization=True)
         tokenizer.save_pretrained(body)
         word = Transformer(body, max_seq_length=args.max_seq_length)
-        modules = [word, Pooling(word.get_embedding_dimension(), pooling)] + ([Normalize()] if normalize else [])
+        modules = [word, Pooling(word.get_embedding_dimension(), pooling)]
+        for width in dense:
+            modules.append(Dense(modules[-1].get_embedding_dimension(), width, bias=False, activation_function=torch.nn.Identity()))
+        modules += [Normalize()] if normalize else []
         model = SentenceTransformer(modules=modules, device="cpu")
         shutil.rmtree(args.dst, ignore_errors=True)
         model.save(str(args.dst))

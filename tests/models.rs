@@ -30,7 +30,7 @@ fn cases() -> Vec<(String, PathBuf, Value)> {
         })
         .collect();
     out.sort_by(|a, b| a.0.cmp(&b.0));
-    assert!(out.len() >= 32, "fixtures missing: {}", out.len());
+    assert!(out.len() >= 37, "fixtures missing: {}", out.len());
     out
 }
 
@@ -93,6 +93,8 @@ async fn check(name: &str, dir: &Path, expected: &Value) -> Vec<String> {
         }
         let got = enc.encode_as(items, &enc.info().prompts).await.unwrap();
         let diff = worst(&got, &matrix(&side["embeddings"]));
+        // The measured agreement, for docs/models.md (shown with --no-capture).
+        println!("{name} {key}: max |difference| {diff:.1e}");
         if diff.is_nan() || diff > TOLERANCE {
             problems.push(format!("{name} {key}: max |difference| {diff:e}"));
         }
@@ -236,6 +238,13 @@ async fn unsupported_models_are_refused_by_name() {
             // transformers buckets into 32 whatever the table holds: a smaller table cannot run there.
             broken(&models, "mpnet-cls", "config.json", |v| v["relative_attention_num_buckets"] = 16.into()),
             "config.json relative_attention_num_buckets: 16",
+        ),
+        // transformers 5.23 attends both ways under is_causal: false; no fixture checks that.
+        (broken(&models, "qwen2-lasttoken-left", "config.json", |v| v["is_causal"] = false.into()), "config.json is_causal: false"),
+        (
+            // Gemma 3's causal language models: only EmbeddingGemma's bidirectional attention runs.
+            broken(&models, "gemma3-mean-hubconfig", "config.json", |v| v["use_bidirectional_attention"] = false.into()),
+            "config.json use_bidirectional_attention: false",
         ),
     ];
     // At start: the process exits non-zero, its log naming the file and key.

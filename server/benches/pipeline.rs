@@ -549,6 +549,9 @@ fn bench_architectures(rt: &tokio::runtime::Runtime) {
         "mpnet-mean-normalize",
         "modernbert-mean-normalize",
         "qwen3-lasttoken-normalize",
+        "qwen2-lasttoken-left",
+        "qwen2-sliding-lasttoken",
+        "gemma3-mean-dense-normalize",
     ];
     for name in names {
         let dir = fixtures.join(name);

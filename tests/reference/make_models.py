@@ -563,6 +563,93 @@ def build_qwen_tokenizer(dst: Path, model_max_length: int) -> dict[str, int]:
     return {s: tok.token_to_id(s) for s in specials} | {"vocab_size": tok.get_vocab_size()}
 
 
+def train_sentencepiece_bpe(vocab: list[str], normalize: Callable[[str], str], vocab_size: int) -> tuple[list[str], list]:
+    """BPE merges over SentencePiece-style pieces (each word with its leading "▁"), appended to `vocab` after
+    every character of the normalized corpus; ties broken as in `train_byte_level_bpe`, so reruns are
+    identical."""
+    words: collections.Counter = collections.Counter()
+    for line in CORPUS:
+        text = normalize(line)
+        words.update(p for p in re.split(r"(?=▁)", text) if p)
+    vocab = list(vocab) + sorted({c for w in words for c in w} - set(vocab))
+    splits = {w: list(w) for w in words}
+    merges = []
+    while len(vocab) < vocab_size:
+        pairs: collections.Counter = collections.Counter()
+        for w, n in words.items():
+            parts = splits[w]
+            for a, b in zip(parts, parts[1:]):
+                pairs[(a, b)] += n
+        if not pairs:
+            break
+        (a, b), _ = min(pairs.items(), key=lambda kv: (-kv[1], kv[0]))
+        merges.append((a, b))
+        if a + b not in vocab:
+            vocab.append(a + b)
+        for w, parts in splits.items():
+            i, out = 0, []
+            while i < len(parts):
+                if i + 1 < len(parts) and parts[i] == a and parts[i + 1] == b:
+                    out.append(a + b)
+                    i += 2
+                else:
+                    out.append(parts[i])
+                    i += 1
+            splits[w] = out
+    return vocab, merges
+
+
+def build_gemma_tokenizer(dst: Path, model_max_length: int) -> dict[str, int]:
+    """BPE with byte fallback like google/embeddinggemma-300m (GemmaTokenizer): <pad>=0 <eos>=1 <bos>=2
+    <unk>=3 <mask>=4, the byte pieces <0x00>..<0xFF>, then characters and merged pieces; spaces become "▁"
+    (normalizer), the pre-tokenizer, decoder and BPE options are those GemmaTokenizer rebuilds; tokenizer.json's
+    post-processor wraps each text in <bos> ... <eos>; padding_side left (the class default)."""
+    specials = ["<pad>", "<eos>", "<bos>", "<unk>", "<mask>"]
+    head = specials + [f"<0x{b:02X}>" for b in range(256)]
+    vocab, merges = train_sentencepiece_bpe(head, lambda t: t.replace(" ", "▁"), 420)
+    tok = Tokenizer(
+        models.BPE(
+            {t: i for i, t in enumerate(vocab)},
+            merges,
+            unk_token="<unk>",
+            fuse_unk=True,
+            byte_fallback=True,
+            dropout=None,
+        )
+    )
+    tok.normalizer = normalizers.Replace(" ", "▁")
+    tok.pre_tokenizer = pre_tokenizers.Split(" ", behavior="merged_with_previous", invert=False)
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse()])
+    tok.add_special_tokens([tokenizers.AddedToken(s, special=True, normalized=False) for s in specials])
+    bos, eos = tok.token_to_id("<bos>"), tok.token_to_id("<eos>")
+    tok.post_processor = processors.TemplateProcessing(
+        single="<bos>:0 $A:0 <eos>:0",
+        pair="<bos>:0 $A:0 <eos>:0 <bos>:1 $B:1 <eos>:1",
+        special_tokens=[("<bos>", bos), ("<eos>", eos)],
+    )
+    dst.mkdir(parents=True, exist_ok=True)
+    tok.save(str(dst / "tokenizer.json"))
+    write_json(
+        dst / "tokenizer_config.json",
+        {
+            "add_bos_token": True,
+            "add_eos_token": True,
+            "added_tokens_decoder": added_tokens_decoder(tok, specials),
+            "bos_token": "<bos>",
+            "clean_up_tokenization_spaces": False,
+            "eos_token": "<eos>",
+            "mask_token": "<mask>",
+            "model_max_length": model_max_length,
+            "pad_token": "<pad>",
+            "sp_model_kwargs": {},
+            "spaces_between_special_tokens": False,
+            "tokenizer_class": "GemmaTokenizer",
+            "unk_token": "<unk>",
+        },
+    )
+    return {s: tok.token_to_id(s) for s in specials} | {"vocab_size": tok.get_vocab_size()}
+
+
 # --------------------------------------------------------------------------------------------------
 # Backbones ("hub" directories: config.json + model.safetensors + tokenizer files)
 # --------------------------------------------------------------------------------------------------
@@ -693,6 +780,64 @@ def make_qwen3_hub(dst: Path) -> None:
     save_backbone(transformers.Qwen3Model(config), dst, seed=404)
 
 
+def make_qwen2_hub(dst: Path, sliding: bool = False) -> None:
+    ids = build_qwen_tokenizer(dst, model_max_length=64)
+    config = transformers.Qwen2Config(
+        vocab_size=ids["vocab_size"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        hidden_act="silu",
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        rope_theta=1000000.0,
+        tie_word_embeddings=False,
+        bos_token_id=ids["<|endoftext|>"],
+        eos_token_id=ids["<|endoftext|>"],
+        use_sliding_window=sliding,
+        # Sliding: layer 0 global, layer 1 sees itself and the 7 tokens before it.
+        sliding_window=8 if sliding else 131072,
+        max_window_layers=1 if sliding else 21,
+    )
+    expected = ["full_attention", "sliding_attention"] if sliding else ["full_attention", "full_attention"]
+    assert config.layer_types == expected, config.layer_types
+    save_backbone(transformers.Qwen2Model(config), dst, seed=707 if sliding else 808)
+
+
+def make_gemma3_hub(dst: Path) -> None:
+    ids = build_gemma_tokenizer(dst, model_max_length=64)
+    config = transformers.Gemma3TextConfig(
+        vocab_size=ids["vocab_size"],
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=3,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=16,  # 4 x 16 = 64 query dims on a hidden size of 32, as EmbeddingGemma's 3 x 256 on 768
+        hidden_activation="gelu_pytorch_tanh",
+        max_position_embeddings=128,
+        rms_norm_eps=1e-6,
+        query_pre_attn_scalar=24,  # not head_dim, so a scale of head_dim ** -0.5 shows
+        sliding_window=16,  # bidirectional: tokens at most 16 // 2 = 8 apart
+        layer_types=["sliding_attention", "full_attention", "sliding_attention"],
+        rope_parameters={
+            "full_attention": {"rope_type": "default", "rope_theta": 1000000.0},
+            "sliding_attention": {"rope_type": "default", "rope_theta": 10000.0},
+        },
+        use_bidirectional_attention=True,
+        attn_logit_softcapping=None,
+        final_logit_softcapping=None,
+        attention_bias=False,
+        pad_token_id=ids["<pad>"],
+        eos_token_id=ids["<eos>"],
+        bos_token_id=ids["<bos>"],
+    )
+    assert config.sliding_window == 9, config.sliding_window  # (16 // 2) + 1, exclusive
+    save_backbone(transformers.Gemma3TextModel(config), dst, seed=909)
+
+
 HUBS: dict[str, Callable[[Path], None]] = {
     "bert": make_bert_hub,
     "xlm-roberta": make_xlmr_hub,
@@ -700,6 +845,9 @@ HUBS: dict[str, Callable[[Path], None]] = {
     "mpnet": make_mpnet_hub,
     "modernbert": make_modernbert_hub,
     "qwen3": make_qwen3_hub,
+    "qwen2": make_qwen2_hub,
+    "qwen2-sliding": lambda dst: make_qwen2_hub(dst, sliding=True),
+    "gemma3": make_gemma3_hub,
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -859,11 +1007,91 @@ def edit_qwen3_hub_config(d: Path) -> None:
     write_json(d / "config.json", old)
 
 
+def edit_qwen2_hub_config(d: Path) -> None:
+    """config.json in the transformers 4.x layout of Alibaba-NLP/gte-Qwen2-1.5B-instruct (architectures names the
+    causal LM, rope_theta, a sliding_window that use_sliding_window false leaves unused)."""
+    c = read_json(d / "config.json")
+    old = {
+        "architectures": ["Qwen2ForCausalLM"],
+        "attention_dropout": 0.0,
+        "bos_token_id": c["bos_token_id"],
+        "eos_token_id": c["eos_token_id"],
+        "hidden_act": c["hidden_act"],
+        "hidden_size": c["hidden_size"],
+        "initializer_range": 0.02,
+        "intermediate_size": c["intermediate_size"],
+        "max_position_embeddings": c["max_position_embeddings"],
+        "max_window_layers": 21,
+        "model_type": "qwen2",
+        "num_attention_heads": c["num_attention_heads"],
+        "num_hidden_layers": c["num_hidden_layers"],
+        "num_key_value_heads": c["num_key_value_heads"],
+        "rms_norm_eps": c["rms_norm_eps"],
+        "rope_theta": c["rope_parameters"]["rope_theta"],
+        "sliding_window": 131072,
+        "tie_word_embeddings": False,
+        "torch_dtype": "float32",
+        "transformers_version": "4.41.2",
+        "use_cache": True,
+        "use_sliding_window": False,
+        "vocab_size": c["vocab_size"],
+    }
+    write_json(d / "config.json", old)
+
+
+def edit_gemma3_hub_config(d: Path) -> None:
+    """config.json in the transformers 4.x layout of google/embeddinggemma-300m (rope_theta and
+    rope_local_base_freq instead of rope_parameters, _sliding_window_pattern, the softcapping keys null)."""
+    c = read_json(d / "config.json")
+    old = {
+        "_sliding_window_pattern": 6,
+        "architectures": ["Gemma3TextModel"],
+        "attention_bias": c["attention_bias"],
+        "attention_dropout": 0.0,
+        "attn_logit_softcapping": None,
+        "bos_token_id": c["bos_token_id"],
+        "dtype": "float32",
+        "eos_token_id": c["eos_token_id"],
+        "final_logit_softcapping": None,
+        "head_dim": c["head_dim"],
+        "hidden_activation": c["hidden_activation"],
+        "hidden_size": c["hidden_size"],
+        "initializer_range": 0.02,
+        "intermediate_size": c["intermediate_size"],
+        "layer_types": c["layer_types"],
+        "max_position_embeddings": c["max_position_embeddings"],
+        "model_type": "gemma3_text",
+        "num_attention_heads": c["num_attention_heads"],
+        "num_hidden_layers": c["num_hidden_layers"],
+        "num_key_value_heads": c["num_key_value_heads"],
+        "pad_token_id": c["pad_token_id"],
+        "query_pre_attn_scalar": c["query_pre_attn_scalar"],
+        "rms_norm_eps": c["rms_norm_eps"],
+        "rope_local_base_freq": c["rope_parameters"]["sliding_attention"]["rope_theta"],
+        "rope_scaling": None,
+        "rope_theta": c["rope_parameters"]["full_attention"]["rope_theta"],
+        "sliding_window": c["sliding_window"],
+        "transformers_version": "4.57.0.dev0",
+        "use_bidirectional_attention": True,
+        "use_cache": True,
+        "vocab_size": c["vocab_size"],
+    }
+    write_json(d / "config.json", old)
+
+
 # --------------------------------------------------------------------------------------------------
 # Cases
 # --------------------------------------------------------------------------------------------------
 
 E5_PROMPTS = {"query": "query: ", "document": "passage: "}
+GTE_QUERY_PROMPT = "Instruct: Given a web search query, retrieve relevant passages that answer the query\nQuery: "
+# A few of google/embeddinggemma-300m's prompts (config_sentence_transformers.json).
+EMBEDDINGGEMMA_PROMPTS = {
+    "query": "task: search result | query: ",
+    "document": "title: none | text: ",
+    "Clustering": "task: clustering | query: ",
+    "STS": "task: sentence similarity | query: ",
+}
 
 
 def case(name: str, family: str, pooling: str | tuple[str, ...], description: str, **kw) -> dict:
@@ -883,6 +1111,7 @@ def case(name: str, family: str, pooling: str | tuple[str, ...], description: st
         "edit_note": kw.get("edit_note"),
         "max_seq_length_source": kw.get("max_seq_length_source"),
         "texts": kw.get("texts", TEXTS),
+        "padding_side": kw.get("padding_side"),
     }
 
 
@@ -1011,6 +1240,34 @@ CASES: list[dict] = [
          "Qwen3-Embedding (architectures Qwen3ForCausalLM, rope_theta, rope_scaling null).",
          prompts={"query": QWEN_QUERY_PROMPT, "document": ""}, edit=edit_qwen3_hub_config,
          edit_note="config.json rewritten in 4.x layout", max_seq_length_source=TC),
+    # ---- qwen2 ---------------------------------------------------------------------------------------
+    case("qwen2-lasttoken-left", "qwen2", "lasttoken",
+         "Qwen2 (causal, RoPE, GQA 4q/2kv heads, q/k/v biases, no head norms), byte-level BPE appending "
+         "<|endoftext|>, left padding, lasttoken, Normalize, gte-Qwen2 style query prompt.",
+         prompts={"query": GTE_QUERY_PROMPT, "document": ""}, max_seq_length_source=TC),
+    case("qwen2-lasttoken-right-hubconfig", "qwen2", "lasttoken",
+         "Same body with right padding (lasttoken reads each row's last real token, the appended "
+         "<|endoftext|>), config.json in gte-Qwen2's transformers 4 layout (Qwen2ForCausalLM, rope_theta, "
+         "sliding_window 131072 unused under use_sliding_window false).",
+         prompts={"query": GTE_QUERY_PROMPT, "document": ""}, padding_side="right", edit=edit_qwen2_hub_config,
+         edit_note="config.json rewritten in 4.x layout", max_seq_length_source=TC),
+    case("qwen2-sliding-lasttoken", "qwen2-sliding", "lasttoken",
+         "Qwen2 with use_sliding_window: layer 0 global, layer 1 (>= max_window_layers 1) causal within a "
+         "window of 8 (itself and the 7 tokens before), left padding, lasttoken, Normalize.",
+         max_seq_length_source=TC),
+    # ---- gemma3 --------------------------------------------------------------------------------------
+    case("gemma3-mean-dense-normalize", "gemma3", "mean",
+         "Gemma3TextModel as EmbeddingGemma: bidirectional, layers [sliding (window 16: +-8), global, sliding], "
+         "rope 1e6 global / 1e4 local, q/k norms, query_pre_attn_scalar 24, embeddings x sqrt(32), "
+         "GeGLU (gelu_pytorch_tanh); BPE with byte fallback wrapping <bos> ... <eos>, left padding; mean, "
+         "Dense 32->64 and 64->32 (Identity, no bias), Normalize; EmbeddingGemma's prompts.",
+         dense=[{"out_features": 64, "activation": "identity", "bias": False},
+                {"out_features": 32, "activation": "identity", "bias": False}],
+         prompts=EMBEDDINGGEMMA_PROMPTS, max_seq_length_source=TC),
+    case("gemma3-mean-hubconfig", "gemma3", "mean",
+         "Same body, mean + Normalize, no Dense, no prompts; config.json in EmbeddingGemma's transformers 4 layout "
+         "(rope_theta, rope_local_base_freq, _sliding_window_pattern, softcapping keys null).",
+         edit=edit_gemma3_hub_config, edit_note="config.json rewritten in 4.x layout", max_seq_length_source=TC),
 ]
 
 FAMILY_BASE = {
@@ -1020,6 +1277,9 @@ FAMILY_BASE = {
     "mpnet": "mpnet-mean-normalize",
     "modernbert": "modernbert-mean-normalize",
     "qwen3": "qwen3-lasttoken-normalize",
+    "qwen2": "qwen2-lasttoken-left",
+    "qwen2-sliding": "qwen2-sliding-lasttoken",
+    "gemma3": "gemma3-mean-dense-normalize",
 }
 
 # --------------------------------------------------------------------------------------------------
@@ -1034,13 +1294,14 @@ def build_case(spec: dict, hub: Path) -> SentenceTransformer:
         transformer,
         Pooling(dim, pooling_mode=spec["pooling"], include_prompt=spec["include_prompt"]),
     ]
-    if spec["dense"]:
-        d = spec["dense"]
-        torch.manual_seed(7)
+    # One Dense (a dict) or several in order (a list; the first seeded as a single one is).
+    denses = spec["dense"] if isinstance(spec["dense"], list) else [spec["dense"]] if spec["dense"] else []
+    for i, d in enumerate(denses):
+        torch.manual_seed(7 + i)
         act = {"tanh": torch.nn.Tanh(), "identity": torch.nn.Identity()}[d["activation"]]
         in_features = modules[-1].get_embedding_dimension()
         dense = Dense(in_features, d["out_features"], bias=d["bias"], activation_function=act)
-        gen = torch.Generator().manual_seed(77)
+        gen = torch.Generator().manual_seed(77 + i)
         with torch.no_grad():
             dense.linear.weight.copy_(torch.randn(dense.linear.weight.shape, generator=gen) / math.sqrt(in_features))
             if d["bias"]:
@@ -1057,6 +1318,8 @@ def build_case(spec: dict, hub: Path) -> SentenceTransformer:
     )
     if spec["max_seq_length"] is not None:
         model.max_seq_length = spec["max_seq_length"]
+    if spec["padding_side"] is not None:
+        transformer.tokenizer.padding_side = spec["padding_side"]
     return model
 
 

@@ -1,9 +1,11 @@
 //! Transformer bodies by `config.json` `model_type`: BERT and XLM-RoBERTa (our fused body,
 //! positions offset by the padding index for the latter), DistilBERT and MPNet (the same body
 //! under their own names; MPNet with its relative attention bias), ModernBERT (our body:
-//! global and sliding-window attention layers in any order, two rotary bases) and Qwen3 (our
-//! decoder body). Any other `model_type` is refused by name, never loaded as something else.
-//! A new family is one file plus one match arm here.
+//! global and sliding-window attention layers in any order, two rotary bases), Qwen3 and Qwen2
+//! (our decoder body: Qwen3's head norms, Qwen2's projection biases and sliding window) and
+//! Gemma 3 text (EmbeddingGemma: bidirectional, sliding and global layers). Any other
+//! `model_type` is refused by name, never loaded as something else. A new family is one file
+//! plus one match arm here.
 use candle_core::{DType, Result, Tensor};
 use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config as BertConfig, PositionEmbeddingType};
@@ -12,17 +14,21 @@ use serde_json::Value;
 
 use super::body::{BertBody, hidden_act};
 use super::distilbert::{self, DistilBertConfig};
+use super::gemma3::{Gemma3Body, Gemma3Config};
 use super::modernbert::{ModernBertBody, ModernBertSpec};
 use super::mpnet::{self, MpnetConfig};
+use super::qwen2::Qwen2Config;
 use super::qwen3::{Qwen3Body, Qwen3Config};
 
-pub const SUPPORTED: &str = "bert, xlm-roberta, distilbert, mpnet, modernbert, qwen3";
+pub const SUPPORTED: &str = "bert, xlm-roberta, distilbert, mpnet, modernbert, qwen3, qwen2, gemma3_text";
 
 /// A loaded body: token ids in, hidden states (batch, len, hidden) out.
 pub enum Body {
     Bert(BertBody),
     ModernBert(ModernBertBody),
+    /// The Qwen decoder body: Qwen3 and Qwen2.
     Qwen3(Qwen3Body),
+    Gemma3(Gemma3Body),
 }
 
 /// What the rest of the pipeline needs to know about a body.
@@ -285,10 +291,24 @@ impl Body {
             }
             "qwen3" => {
                 let cfg: Qwen3Config = parse(config)?;
-                cfg.check().map_err(LoadFailure::Config)?;
+                cfg.check_file(config).map_err(LoadFailure::Config)?;
                 let body = Qwen3Body::load(vb, &cfg)?;
                 let info = BodyInfo { hidden: cfg.hidden_size, max_positions: cfg.max_position_embeddings, pad_id: 0 };
                 Ok((Body::Qwen3(body), info))
+            }
+            "qwen2" => {
+                let cfg: Qwen2Config = parse(config)?;
+                let spec = cfg.spec().map_err(LoadFailure::Config)?;
+                let body = Qwen3Body::load_spec(vb, &spec)?;
+                let info = BodyInfo { hidden: spec.hidden_size, max_positions: spec.max_position_embeddings, pad_id: 0 };
+                Ok((Body::Qwen3(body), info))
+            }
+            "gemma3_text" => {
+                let cfg: Gemma3Config = parse(config)?;
+                let spec = cfg.spec().map_err(LoadFailure::Config)?;
+                let body = Gemma3Body::load(vb, &spec)?;
+                let info = BodyInfo { hidden: spec.hidden_size, max_positions: spec.max_position_embeddings, pad_id: spec.pad_token_id };
+                Ok((Body::Gemma3(body), info))
             }
             other => Err(LoadFailure::Config(format!("config.json model_type: {other:?} is not supported ({SUPPORTED})"))),
         }
@@ -300,6 +320,7 @@ impl Body {
             Body::Bert(b) => b.forward(ids, types, mask),
             Body::ModernBert(m) => m.forward(ids, mask),
             Body::Qwen3(q) => q.forward(ids, mask),
+            Body::Gemma3(g) => g.forward(ids, mask),
         }
     }
 }

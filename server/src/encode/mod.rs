@@ -9,12 +9,15 @@ pub mod batcher;
 pub mod body;
 pub mod cpu;
 pub mod cross;
+pub mod deberta;
 pub mod device;
 pub mod distilbert;
 pub mod embedder;
+pub mod gemma3;
 pub mod modernbert;
 pub mod mpnet;
 pub mod pooling;
+pub mod qwen2;
 pub mod qwen3;
 pub mod st_format;
 #[cfg(any(test, feature = "testing"))]
@@ -347,6 +350,24 @@ fn prompt_length(tokenizer: &Tokenizer, prompt: &str) -> Result<usize, EncodeErr
     Ok(ids.len() - usize::from(trailing))
 }
 
+/// How many tokens of a pair's two segments (`n1`, `n2` long) stay within `budget`, by the
+/// `longest_first` rule of the tokenizers library that transformers calls (Python
+/// tokenizers 0.23.3): the shorter segment whole when the longer can give up the rest, else
+/// half the budget each, the extra one to the longer.
+fn longest_first(n1: usize, n2: usize, budget: usize) -> (usize, usize) {
+    if n1 + n2 <= budget {
+        return (n1, n2);
+    }
+    let swap = n1 > n2;
+    let mut short = n1.min(n2);
+    let mut long = if short > budget { short } else { short.max(budget - short) };
+    if short + long > budget {
+        short = budget / 2;
+        long = short + budget % 2;
+    }
+    if swap { (long, short) } else { (short, long) }
+}
+
 /// The shipped tokenizer.json may pad and truncate to a fixed length: padding is done per
 /// batch by the model, truncation (longest-first for pairs) is ours to set.
 fn set_lengths(tokenizer: &mut Tokenizer, max_tokens: usize) -> Result<(), EncodeError> {
@@ -380,8 +401,10 @@ impl Reranker {
     pub fn load_on(dir: &Path, max_tokens: usize, cfg: BatchConfig, placement: Placement) -> Result<Self, EncodeError> {
         let (device, dtype) = device::resolve(placement)?;
         let loaded = cross::CrossEncoderModel::load_on(dir, max_tokens, &device, dtype)?;
+        // Pairs are truncated here (see `tokenize_pairs`), not by the tokenizer.
         let mut tokenizer = loaded.tokenizer;
-        set_lengths(&mut tokenizer, loaded.info.max_tokens)?;
+        tokenizer.with_padding(None);
+        tokenizer.with_truncation(None).map_err(|e| EncodeError::Tokenizer(e.to_string()))?;
         let batcher = batcher::spawn(Box::new(loaded.model), cfg, "reranker");
         Ok(Self { inner: Arc::new(RerankerInner { tokenizer, info: loaded.info, batcher }) })
     }
@@ -390,9 +413,33 @@ impl Reranker {
         &self.inner.info
     }
 
-    /// Tokenizes (query, document) pairs as two segments, truncated longest-first.
+    /// Tokenizes (query, document) pairs as two segments, truncated longest-first to the
+    /// model's maximum length, the model's default prompt (if it has one) before each query, as
+    /// `CrossEncoder.predict` does.
     pub fn tokenize_pairs(&self, pairs: &[(String, String)]) -> Result<Vec<TokenizedText>, EncodeError> {
-        tokenize_all(&self.inner.tokenizer, pairs.iter().map(|(q, d)| (q.as_str(), d.as_str())).collect())
+        let tokenizer = &self.inner.tokenizer;
+        let err = |e: tokenizers::Error| EncodeError::Tokenizer(e.to_string());
+        let prompt = self.inner.info.prompt.as_deref().unwrap_or("");
+        let queries: Vec<String> = pairs.iter().map(|(q, _)| format!("{prompt}{q}")).collect();
+        let sides: Vec<&str> = queries.iter().map(String::as_str).chain(pairs.iter().map(|(_, d)| d.as_str())).collect();
+        let mut encoded = tokenizer.encode_batch(sides, false).map_err(err)?;
+        let documents = encoded.split_off(pairs.len());
+        let added = tokenizer.get_post_processor().map_or(0, |p| tokenizers::PostProcessor::added_tokens(p, true));
+        let budget = self.inner.info.max_tokens.saturating_sub(added);
+        let direction = tokenizers::TruncationDirection::Right;
+        encoded
+            .into_iter()
+            .zip(documents)
+            .map(|(mut query, mut document)| {
+                let (n1, n2) = longest_first(query.len(), document.len(), budget);
+                query.truncate(n1, 0, direction);
+                document.truncate(n2, 0, direction);
+                // The second segment's type, as encoding the pair would give it.
+                document.set_type_ids(vec![1; document.len()]);
+                let e = tokenizer.post_process(query, Some(document), true).map_err(err)?;
+                Ok(TokenizedText { ids: e.get_ids().to_vec(), type_ids: e.get_type_ids().to_vec(), prompt_len: 0 })
+            })
+            .collect()
     }
 
     /// Each pair's logits, in order; pairs from concurrent callers share model batches.

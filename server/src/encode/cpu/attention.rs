@@ -73,7 +73,8 @@ impl Rotary {
     }
 }
 
-/// An RMS norm over each head's vector of queries and of keys (Qwen3's `q_norm`, `k_norm`):
+/// An RMS norm over each head's vector of queries and of keys (Qwen3's `q_norm`, `k_norm`;
+/// Gemma 3's, whose weights are given here as 1 + its stored ones):
 /// x / sqrt(mean(x²) + eps) · weight.
 #[derive(Clone, Copy)]
 pub struct HeadNorm<'a> {
@@ -152,13 +153,16 @@ pub struct Options<'a> {
     pub kv_heads: Option<usize>,
     /// Add a bias by relative position to the scaled scores, before the softmax.
     pub relative: Option<&'a RelativeBias>,
+    /// What the scores are multiplied by: 1/sqrt(head_dim) unless set (Gemma 3's
+    /// `query_pre_attn_scalar ** -0.5`).
+    pub scale: Option<f32>,
     /// Query rows per unit of work ([`BLOCK_ROWS`]; smaller in tests).
     pub block_rows: usize,
 }
 
 impl Default for Options<'_> {
     fn default() -> Self {
-        Options { rotary: None, head_norm: None, window: None, causal: false, kv_heads: None, relative: None, block_rows: BLOCK_ROWS }
+        Options { rotary: None, head_norm: None, window: None, causal: false, kv_heads: None, relative: None, scale: None, block_rows: BLOCK_ROWS }
     }
 }
 
@@ -301,7 +305,7 @@ impl Attention<'_> {
         let seq = &qkv[first * stride..(first + n) * stride];
         let kv = head / (heads / kv_heads);
         let (q_at, k_at, v_at) = (head * d, hidden + kv * d, hidden + (kv_heads + kv) * d);
-        let scale = 1.0 / (d as f32).sqrt();
+        let scale = options.scale.unwrap_or(1.0 / (d as f32).sqrt());
         let Scratch { scores, q, k } = scratch;
         let scores = room(scores, rows * keys);
         if options.transforms() {

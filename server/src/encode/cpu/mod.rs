@@ -225,10 +225,12 @@ pub(crate) fn contiguous_f32<'a>(storage: &'a CpuStorage, layout: &Layout, op: &
 }
 
 /// The activation of a gated MLP's gate.
-#[derive(Clone, Copy)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Gate {
     /// GELU, the erf form (ModernBERT's GeGLU).
     Gelu,
+    /// GELU, the tanh approximation (`gelu_pytorch_tanh`: Gemma 3's GeGLU).
+    GeluTanh,
     /// SiLU (Qwen3's SwiGLU).
     Silu,
 }
@@ -243,6 +245,8 @@ pub fn gated(x: &Tensor, width: usize, gate: Gate) -> candle_core::Result<Tensor
     let (g, v) = (x.narrow(D::Minus1, 0, width)?, x.narrow(D::Minus1, width, width)?);
     let g = match gate {
         Gate::Gelu => g.gelu_erf()?,
+        // candle's `gelu` is the tanh approximation.
+        Gate::GeluTanh => g.gelu()?,
         Gate::Silu => candle_nn::ops::silu(&g)?,
     };
     g * v
@@ -266,6 +270,7 @@ impl CustomOp1 for Gated {
         }
         let kernel = match self.gate {
             Gate::Gelu => simd::geglu_rows,
+            Gate::GeluTanh => simd::geglu_tanh_rows,
             Gate::Silu => simd::swiglu_rows,
         };
         let rows = input.len() / (2 * width);

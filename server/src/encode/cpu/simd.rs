@@ -150,6 +150,19 @@ dispatch!(geglu_rows(input: &[f32], out: &mut [f32], width: usize) {
     }
 });
 
+dispatch!(geglu_tanh_rows(input: &[f32], out: &mut [f32], width: usize) {
+    // As `geglu_rows`, with GELU's tanh approximation: 0.5·x·(1 + tanh(u)) = x·sigmoid(2u),
+    // u = sqrt(2/π)·(x + 0.044715·x³), written with `exp_f32` so the loop vectorizes.
+    const TWO_SQRT_2_OVER_PI: f32 = 1.595_769_2;
+    for (src, dst) in input.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
+        let (x, gate) = src.split_at(width);
+        for ((o, &x), &g) in dst.iter_mut().zip(x).zip(gate) {
+            let two_u = TWO_SQRT_2_OVER_PI * (x + 0.044_715 * x * x * x);
+            *o = x / (1.0 + exp_f32(-two_u)) * g;
+        }
+    }
+});
+
 dispatch!(swiglu_rows(input: &[f32], out: &mut [f32], width: usize) {
     // Each input row is the gate then the up projection, `width` each.
     for (src, dst) in input.chunks_exact(2 * width).zip(out.chunks_exact_mut(width)) {
@@ -217,6 +230,24 @@ mod tests {
         }
         assert!(worst < 2e-7, "max relative exp error {worst}");
         assert!(exp_f32(-1e9) < 1e-37 && exp_f32(-1e9) >= 0.0);
+    }
+
+    #[test]
+    fn gelu_tanh_gate_matches_the_tanh_formula() {
+        let width = 7;
+        let input: Vec<f32> = (0..2 * width * 3000).map(|i| ((i * 7919 % 20011) as f32 - 10005.0) / 1000.0).collect();
+        let mut out = vec![0f32; width * 3000];
+        geglu_tanh_rows(&input, &mut out, width);
+        let mut worst = 0f64;
+        for (src, got) in input.chunks_exact(2 * width).zip(out.chunks_exact(width)) {
+            for i in 0..width {
+                let (x, g) = (src[i] as f64, src[width + i] as f64);
+                let u = (2.0 / std::f64::consts::PI).sqrt() * (x + 0.044715 * x * x * x);
+                let want = 0.5 * x * (1.0 + u.tanh()) * g;
+                worst = worst.max((got[i] as f64 - want).abs() / want.abs().max(1.0));
+            }
+        }
+        assert!(worst < 1e-6, "max |gelu tanh gate error| {worst}");
     }
 
     #[test]

@@ -147,6 +147,8 @@ struct Variant {
     kv_heads: Option<usize>,
     /// Add `relative_bias(head, key - query)` to the scores.
     relative: bool,
+    /// Multiply the scores by this instead of 1/sqrt(head_dim).
+    scale: Option<f64>,
 }
 
 /// A bias by head and relative position for the tests: distinct per head and side, constant
@@ -160,7 +162,8 @@ fn relative_bias(head: usize, relative: isize) -> f32 {
 
 /// Attention by the formula in f64.
 fn attention_reference(qkv: &[f32], lens: &[usize], heads: usize, d: usize, variant: Variant) -> Vec<f32> {
-    let Variant { theta, window, causal, kv_heads, relative } = variant;
+    let Variant { theta, window, causal, kv_heads, relative, scale } = variant;
+    let scale = scale.unwrap_or(1.0 / (d as f64).sqrt());
     let kv_heads = kv_heads.unwrap_or(heads);
     let hidden = heads * d;
     let stride = hidden + 2 * kv_heads * d;
@@ -190,7 +193,7 @@ fn attention_reference(qkv: &[f32], lens: &[usize], heads: usize, d: usize, vari
                 let seen: Vec<usize> = (0..n).filter(|&u| window.is_none_or(|w| t.abs_diff(u) <= w) && (!causal || u <= t)).collect();
                 let bias = |u: usize| if relative { relative_bias(h, u as isize - t as isize) as f64 } else { 0.0 };
                 let scores: Vec<f64> =
-                    seen.iter().map(|&u| q.iter().zip(turn(row(u, 1), u)).map(|(a, b)| a * b).sum::<f64>() / (d as f64).sqrt() + bias(u)).collect();
+                    seen.iter().map(|&u| q.iter().zip(turn(row(u, 1), u)).map(|(a, b)| a * b).sum::<f64>() * scale + bias(u)).collect();
                 let max = scores.iter().cloned().fold(f64::NEG_INFINITY, f64::max);
                 let sum: f64 = scores.iter().map(|v| (v - max).exp()).sum();
                 for c in 0..d {
@@ -238,6 +241,8 @@ fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
         Variant { theta, window: Some(3), ..Variant::default() },
         Variant { theta, causal: true, kv_heads: Some(2), ..Variant::default() },
         Variant { causal: true, window: Some(2), ..Variant::default() },
+        // Gemma 3's sliding layers: a window on both sides, grouped heads, its own scale.
+        Variant { theta, window: Some(3), kv_heads: Some(2), scale: Some(0.2), ..Variant::default() },
         // MPNet's: a bias by relative position, constant past the table's reach.
         Variant { relative: true, ..Variant::default() },
     ];
@@ -254,6 +259,7 @@ fn fused_attention_turns_windows_and_blocks_as_the_formula_does() {
                     causal: variant.causal,
                     kv_heads: variant.kv_heads,
                     relative: variant.relative.then_some(&relative),
+                    scale: variant.scale.map(|s| s as f32),
                     block_rows,
                     ..attention::Options::default()
                 };
@@ -318,6 +324,25 @@ fn the_modernbert_body_matches_candle_with_any_mask() {
 #[test]
 fn the_qwen3_body_matches_candle_with_any_mask() {
     body_matches_candle_with_any_mask("qwen3-lasttoken-normalize", "qwen3", 330, 20);
+}
+
+/// Qwen2: causal, 4 query heads on 2 key/value heads, q/k/v biases, no head norms.
+#[test]
+fn the_qwen2_body_matches_candle_with_any_mask() {
+    body_matches_candle_with_any_mask("qwen2-lasttoken-left", "qwen2", 330, 20);
+}
+
+/// Qwen2 with a sliding window of 8 on its second layer, over sequences longer than it.
+#[test]
+fn the_sliding_qwen2_body_matches_candle_with_any_mask() {
+    body_matches_candle_with_any_mask("qwen2-sliding-lasttoken", "qwen2", 330, 30);
+}
+
+/// Gemma 3: bidirectional, sliding (+-8) and global layers, head norms, its own score scale,
+/// scaled embeddings, norms around the attention and the MLP.
+#[test]
+fn the_gemma3_body_matches_candle_with_any_mask() {
+    body_matches_candle_with_any_mask("gemma3-mean-dense-normalize", "gemma3_text", 420, 30);
 }
 
 /// DistilBERT: BERT's layers under other names, no token types.
