@@ -222,7 +222,9 @@ def index_corpus(
         raise ValueError(f"vectors: one row per corpus document ({len(corpus)}) and the model they come from are needed")
     rank, world = _rank()
     existing: Optional[pb.CollectionInfo] = None
-    with _every_rank(f"creating collection {collection!r}"):
+    # Every rank looks before any creates: a rank that looked after rank 0 had created the
+    # collection would find it empty and take it for someone else's.
+    with _every_rank(f"looking up collection {collection!r}"):
         try:
             existing = miner.get(collection)
         except NotFound:
@@ -232,6 +234,7 @@ def index_corpus(
                 f"collection {collection!r} holds {existing.doc_count} documents, not the corpus's {len(corpus)}: "
                 "drop it or use another name"
             )
+    with _every_rank(f"creating collection {collection!r}"):
         if existing is None and rank == 0:
             if model is not None:
                 dims = model.get_embedding_dimension()
