@@ -12,7 +12,7 @@ use candle_transformers::models::bert::{Config as BertConfig, PositionEmbeddingT
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::body::{BertBody, hidden_act};
+use super::body::{BertBody, d12, d512, d768, d3072, eps12, gelu, hidden_act};
 use super::distilbert::{self, DistilBertConfig};
 use super::gemma3::{Gemma3Body, Gemma3Config};
 use super::modernbert::{ModernBertBody, ModernBertSpec};
@@ -82,26 +82,8 @@ struct BertFamilyConfig {
     position_embedding_type: Option<String>,
 }
 
-fn d768() -> usize {
-    768
-}
-fn d12() -> usize {
-    12
-}
-fn d3072() -> usize {
-    3072
-}
-fn d512() -> usize {
-    512
-}
 fn d2() -> usize {
     2
-}
-fn eps12() -> f64 {
-    1e-12
-}
-fn gelu() -> String {
-    "gelu".into()
 }
 
 impl BertFamilyConfig {

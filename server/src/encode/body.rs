@@ -279,6 +279,27 @@ impl BertBody {
     }
 }
 
+/// transformers' BertConfig defaults for absent keys, shared by the families whose configs
+/// copy them (BERT, XLM-RoBERTa, MPNet; DistilBERT's activation).
+pub fn d768() -> usize {
+    768
+}
+pub fn d12() -> usize {
+    12
+}
+pub fn d3072() -> usize {
+    3072
+}
+pub fn d512() -> usize {
+    512
+}
+pub fn eps12() -> f64 {
+    1e-12
+}
+pub fn gelu() -> String {
+    "gelu".into()
+}
+
 /// The activation a config's `key` names (`hidden_act`; DistilBERT's `activation`), as
 /// transformers' `ACT2FN` reads it, or why it cannot run here.
 pub fn hidden_act(key: &str, name: &str) -> std::result::Result<HiddenAct, String> {

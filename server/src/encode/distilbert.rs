@@ -7,7 +7,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, PositionEmbeddingType};
 use serde::Deserialize;
 
-use super::body::{self, BertBody, Names, Positions};
+use super::body::{self, BertBody, Names, Positions, gelu};
 
 /// `DistilBertModel`'s names (`distilbert.` in task models).
 const NAMES: Names = Names {
@@ -63,9 +63,6 @@ fn dim() -> usize {
 }
 fn hidden_dim() -> usize {
     4 * 768
-}
-fn gelu() -> String {
-    "gelu".into()
 }
 
 impl DistilBertConfig {

@@ -9,7 +9,7 @@ use candle_nn::VarBuilder;
 use candle_transformers::models::bert::{Config, PositionEmbeddingType};
 use serde::Deserialize;
 
-use super::body::{self, BertBody, Names, Positions};
+use super::body::{self, BertBody, Names, Positions, d12, d512, d768, d3072, eps12, gelu};
 use super::cpu::attention::RelativeBias;
 
 /// `MPNetModel`'s names (`mpnet.` in task models).
@@ -64,26 +64,8 @@ pub struct MpnetConfig {
 fn vocab() -> usize {
     30527
 }
-fn d768() -> usize {
-    768
-}
-fn d12() -> usize {
-    12
-}
-fn d3072() -> usize {
-    3072
-}
-fn d512() -> usize {
-    512
-}
 fn d32() -> usize {
     32
-}
-fn eps12() -> f64 {
-    1e-12
-}
-fn gelu() -> String {
-    "gelu".into()
 }
 
 impl MpnetConfig {
