@@ -350,6 +350,36 @@ fn edited(tmp: &Path, name: &str, file: &str, edit: impl FnOnce(&mut Value) -> b
     dir
 }
 
+/// The library reads its own files only from a directory it saved as a CrossEncoder. Saved so,
+/// a Transformer whose sentence_bert_config.json predates modality lists is text-only even when
+/// its tokenizer carries a chat template, and the saved default prompt applies; saved as
+/// another class (or not saved), the default modules take no prompt.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn only_a_cross_encoder_save_is_read_as_one() {
+    let tmp = tempfile::tempdir().unwrap();
+    let cfg = BatchConfig { token_budget: 4096, max_batch_texts: 64, queue_capacity: 64 };
+    let name = "qwen3-right-prompt";
+    let expected: Value = serde_json::from_slice(&std::fs::read(cross_fixtures().join(name).join("expected.json")).unwrap()).unwrap();
+    let templated = edited(tmp.path(), name, "tokenizer_config.json", |v| {
+        v["chat_template"] = "{% for m in messages %}{{ m.content }}{% endfor %}".into();
+        true
+    });
+    let sbert = templated.join("sentence_bert_config.json");
+    let mut v: Value = serde_json::from_slice(&std::fs::read(&sbert).unwrap()).unwrap();
+    v.as_object_mut().unwrap().remove("modality_config");
+    std::fs::write(&sbert, v.to_string()).unwrap();
+    let reranker = Reranker::load(&templated, 0, cfg).unwrap();
+    assert!(reranker.info().prompt.is_some(), "the saved default prompt applies");
+    let (problems, _) = check_cross(name, &templated, &expected).await;
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+
+    let converted = edited(tmp.path(), name, "config_sentence_transformers.json", |v| {
+        v["model_type"] = "SentenceTransformer".into();
+        true
+    });
+    assert_eq!(Reranker::load(&converted, 0, cfg).unwrap().info().prompt, None, "another class's prompts are not read");
+}
+
 /// What CrossEncoder would score otherwise is refused by name, in-process and at server start
 /// (the server exits, its log naming `reranker.model_dir` and the reason).
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

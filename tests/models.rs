@@ -155,6 +155,20 @@ async fn minilm_saved_again_by_sentence_transformers_6_matches_the_original() {
     assert!(worst(&a, &b) < 1e-6, "re-saved vectors differ by {}", worst(&a, &b));
 }
 
+/// A directory another sentence-transformers class saved (config_sentence_transformers.json's
+/// `model_type`) is loaded as the library loads it: its default modules, as for a directory
+/// without modules.json (bert-bare-mean's expectations, made by the library on the same body
+/// and tokenizer); the saved prompts and pooling no longer apply.
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn another_classes_save_gets_the_default_modules() {
+    let tmp = tempfile::tempdir().unwrap();
+    let dir = broken(tmp.path(), "bert-mean-prompts", "config_sentence_transformers.json", |v| v["model_type"] = "SparseEncoder".into());
+    let bare = fixtures().join("bert-bare-mean");
+    let expected: Value = serde_json::from_slice(&std::fs::read(bare.join("expected.json")).unwrap()).unwrap();
+    let problems = check("bert-mean-prompts saved as a SparseEncoder", &dir, &expected).await;
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+}
+
 fn doc(i: usize, text: &str) -> proto::Document {
     proto::Document { id: format!("d{i}"), text: text.into(), title: None, metadata: Default::default(), vector: Vec::new() }
 }
@@ -241,6 +255,12 @@ async fn unsupported_models_are_refused_by_name() {
         ),
         // transformers 5.23 attends both ways under is_causal: false; no fixture checks that.
         (broken(&models, "qwen2-lasttoken-left", "config.json", |v| v["is_causal"] = false.into()), "config.json is_causal: false"),
+        (
+            // Without a sentence-transformers save the library renders every text through the
+            // tokenizer's chat template.
+            broken(&models, "qwen3-bare-causallm", "tokenizer_config.json", |v| v["chat_template"] = "{{ messages[0].content }}".into()),
+            "tokenizer_config.json chat_template: without a sentence-transformers save",
+        ),
         (
             // Gemma 3's causal language models: only EmbeddingGemma's bidirectional attention runs.
             broken(&models, "gemma3-mean-hubconfig", "config.json", |v| v["use_bidirectional_attention"] = false.into()),

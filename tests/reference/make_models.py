@@ -147,9 +147,9 @@ TEXTS = [
     LONG_OUT_OF_VOCAB,
 ]
 
-# MPNet counts positions from the ids (like RoBERTa): a "<pad>" the tokenizer finds inside a text takes
-# the padding position and shifts the rest.
-MPNET_TEXTS = TEXTS + ["A man <pad> is eating food."]
+# MPNet and XLM-R count positions from the ids (as fairseq did): a "<pad>" the tokenizer finds inside a
+# text takes the padding position and shifts the rest.
+PAD_TEXTS = TEXTS + ["A man <pad> is eating food."]
 
 MINILM_TEXTS = [
     "A man is eating food.",
@@ -916,6 +916,23 @@ def edit_drop_model_max_length(tokenizer_json_truncation: int | None) -> Callabl
     return edit
 
 
+def edit_bare(then: Callable[[Path], None] | None = None) -> Callable[[Path], None]:
+    """Leave what transformers alone would save: no modules.json and no module folders. The library's
+    config_sentence_transformers.json and sentence_bert_config.json stay behind (max_seq_length set to 12),
+    to show that without modules.json sentence-transformers reads neither."""
+    def edit(d: Path) -> None:
+        (d / "modules.json").unlink()
+        for sub in d.iterdir():
+            if sub.is_dir() and sub.name.split("_", 1)[0].isdigit():
+                shutil.rmtree(sub)
+        sbert = read_json(d / "sentence_bert_config.json")
+        sbert["max_seq_length"] = 12
+        write_json(d / "sentence_bert_config.json", sbert)
+        if then is not None:
+            then(d)
+    return edit
+
+
 def edit_prompts_without_document(d: Path) -> None:
     """config_sentence_transformers.json as an older release wrote it for an E5-style model:
     prompts {"query", "passage"} and no "document" key."""
@@ -1127,6 +1144,12 @@ CASES: list[dict] = [
          "BERT, mean_sqrt_len_tokens pooling, Normalize.", max_seq_length_source=TC),
     case("bert-weightedmean-normalize", "bert", "weightedmean", "BERT, weightedmean pooling, Normalize.",
          max_seq_length_source=TC),
+    case("bert-bare-mean", "bert", "cls",
+         "A folder sentence-transformers did not save (no modules.json) of a BertModel: the library builds "
+         "Transformer + mean pooling, no Normalize, and reads neither the leftover config_sentence_transformers.json "
+         "(E5 prompts) nor sentence_bert_config.json (max_seq_length 12).",
+         prompts=E5_PROMPTS, edit=edit_bare(), edit_note="modules.json and the module folders removed; "
+         "sentence_bert_config.json max_seq_length 12", max_seq_length_source=TC),
     case("bert-lasttoken-normalize", "bert", "lasttoken",
          "BERT, lasttoken pooling with right padding (last real token is [SEP]), Normalize.",
          max_seq_length_source=TC),
@@ -1200,10 +1223,10 @@ CASES: list[dict] = [
          max_seq_length_source="sentence_bert_config.json max_seq_length"),
     # ---- xlm-roberta ---------------------------------------------------------------------------------
     case("xlm-roberta-mean-normalize", "xlm-roberta", "mean",
-         "XLM-R (pad_token_id 1, positions start at padding_idx + 1), Unigram tokenizer, mean, Normalize.",
-         max_seq_length_source=TC),
+         "XLM-R (pad_token_id 1, positions counted on the ids from padding_idx + 1), Unigram tokenizer, mean, "
+         "Normalize.", texts=PAD_TEXTS, max_seq_length_source=TC),
     case("xlm-roberta-cls", "xlm-roberta", "cls", "XLM-R, cls pooling, no Normalize.", normalize=False,
-         max_seq_length_source=TC),
+         texts=PAD_TEXTS, max_seq_length_source=TC),
     # ---- distilbert ----------------------------------------------------------------------------------
     case("distilbert-mean", "distilbert", "mean",
          "DistilBERT (no token types, positions from 0), WordPiece, mean, no Normalize, cosine: as "
@@ -1216,10 +1239,10 @@ CASES: list[dict] = [
          "MPNet (relative attention bias in 32 buckets, positions from padding_idx + 1 counted on the ids), "
          "WordPiece with <s> </s>, mean, Normalize, max length 128 (every bucket reached): as "
          "all-mpnet-base-v2. A 10th text has a <pad> inside.",
-         texts=MPNET_TEXTS, max_seq_length_source=TC),
+         texts=PAD_TEXTS, max_seq_length_source=TC),
     case("mpnet-cls", "mpnet", "cls",
          "MPNet, cls pooling, no Normalize, similarity_fn_name 'dot': as multi-qa-mpnet-base-dot-v1.",
-         normalize=False, similarity_fn_name="dot", texts=MPNET_TEXTS, max_seq_length_source=TC),
+         normalize=False, similarity_fn_name="dot", texts=PAD_TEXTS, max_seq_length_source=TC),
     # ---- modernbert ----------------------------------------------------------------------------------
     case("modernbert-mean-normalize", "modernbert", "mean",
          "ModernBERT, 3 layers [global, local(window 8 = +-4), global], mean, Normalize; config.json as "
@@ -1235,6 +1258,14 @@ CASES: list[dict] = [
          "Qwen3 (causal, RoPE, GQA 4q/2kv heads, q/k RMSNorm), byte-level BPE appending <|endoftext|>, "
          "left padding, lasttoken, Normalize, Qwen3-Embedding style query prompt.",
          prompts={"query": QWEN_QUERY_PROMPT, "document": ""}, max_seq_length_source=TC),
+    case("qwen3-bare-causallm", "qwen3", "lasttoken",
+         "A folder sentence-transformers did not save (no modules.json) whose config.json names "
+         "Qwen3ForCausalLM: the library builds Transformer + lasttoken pooling, no Normalize, and reads "
+         "neither the leftover config_sentence_transformers.json (a query prompt) nor sentence_bert_config.json "
+         "(max_seq_length 12).",
+         prompts={"query": QWEN_QUERY_PROMPT, "document": ""}, edit=edit_bare(edit_qwen3_hub_config),
+         edit_note="modules.json and the module folders removed; config.json in 4.x layout; "
+                   "sentence_bert_config.json max_seq_length 12", max_seq_length_source=TC),
     case("qwen3-lasttoken-hubconfig", "qwen3", "lasttoken",
          "Same as qwen3-lasttoken-normalize but config.json in the transformers 4 layout of "
          "Qwen3-Embedding (architectures Qwen3ForCausalLM, rope_theta, rope_scaling null).",

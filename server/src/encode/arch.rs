@@ -1,5 +1,5 @@
 //! Transformer bodies by `config.json` `model_type`: BERT and XLM-RoBERTa (our fused body,
-//! positions offset by the padding index for the latter), DistilBERT and MPNet (the same body
+//! positions counted on the ids from the padding index for the latter), DistilBERT and MPNet (the same body
 //! under their own names; MPNet with its relative attention bias), ModernBERT (our body:
 //! global and sliding-window attention layers in any order, two rotary bases), Qwen3 and Qwen2
 //! (our decoder body: Qwen3's head norms, Qwen2's projection biases and sliding window) and
@@ -12,7 +12,7 @@ use candle_transformers::models::bert::{Config as BertConfig, PositionEmbeddingT
 use serde::Deserialize;
 use serde_json::Value;
 
-use super::body::{BertBody, d12, d512, d768, d3072, eps12, gelu, hidden_act};
+use super::body::{BertBody, Positions, d12, d512, d768, d3072, eps12, gelu, hidden_act};
 use super::distilbert::{self, DistilBertConfig};
 use super::gemma3::{Gemma3Body, Gemma3Config};
 use super::modernbert::{ModernBertBody, ModernBertSpec};
@@ -233,16 +233,16 @@ impl Body {
             "bert" | "xlm-roberta" => {
                 let file: BertFamilyConfig = parse(config)?;
                 let cfg = file.to_candle()?;
-                let (offset, pad) = if model_type == "bert" {
-                    (0, file.pad_token_id.unwrap_or(0))
+                let (positions, pad) = if model_type == "bert" {
+                    (Positions::Offset(0), file.pad_token_id.unwrap_or(0))
                 } else {
                     let pad = file.pad_token_id.unwrap_or(1);
-                    (pad + 1, pad)
+                    (Positions::FromIds { padding_idx: pad }, pad)
                 };
-                let body = BertBody::load_with_offset(vb, &cfg, offset)?;
+                let body = BertBody::load_positioned(vb, &cfg, positions)?;
                 let info = BodyInfo {
                     hidden: cfg.hidden_size,
-                    max_positions: cfg.max_position_embeddings - offset as usize,
+                    max_positions: cfg.max_position_embeddings.saturating_sub(positions.first() as usize),
                     pad_id: pad,
                 };
                 Ok((Body::Bert(body), info))

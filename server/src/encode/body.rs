@@ -54,17 +54,18 @@ pub const BERT: Names = Names {
 /// How position ids are made.
 #[derive(Debug, Clone, Copy)]
 pub enum Positions {
-    /// 0, 1, 2, ... plus an offset: 0 for BERT and DistilBERT, padding index + 1 for
-    /// (XLM-)RoBERTa.
+    /// 0, 1, 2, ... plus an offset: 0 for BERT and DistilBERT.
     Offset(u32),
     /// From the ids, as fairseq-style models count them: tokens other than `padding_idx`
     /// numbered from `padding_idx + 1` in order, `padding_idx` itself at `padding_idx`
-    /// (MPNet, whose padding index is 1 whatever the config says).
+    /// (XLM-RoBERTa; MPNet, whose padding index is 1 whatever the config says). A padding
+    /// token inside a text takes the padding position and shifts the rest back.
     FromIds { padding_idx: u32 },
 }
 
 impl Positions {
-    fn offset(self) -> u32 {
+    /// The position of a text's first token: the table holds that many fewer positions.
+    pub fn first(self) -> u32 {
         match self {
             Positions::Offset(offset) => offset,
             Positions::FromIds { padding_idx } => padding_idx + 1,
@@ -127,19 +128,19 @@ pub fn root<'a>(vb: VarBuilder<'a>, names: &Names) -> VarBuilder<'a> {
 
 impl BertBody {
     pub fn load(vb: VarBuilder, cfg: &Config) -> Result<Self> {
-        Self::load_with_offset(vb, cfg, 0)
+        Self::load_positioned(vb, cfg, Positions::Offset(0))
     }
 
-    /// As [`BertBody::load`], with position ids starting at `position_offset` (XLM-RoBERTa's
-    /// start after its padding index). Weights may sit under `bert.` or `roberta.`.
-    pub fn load_with_offset(vb: VarBuilder, cfg: &Config, position_offset: u32) -> Result<Self> {
-        Self::load_named(root(vb, &BERT), cfg, &BERT, Positions::Offset(position_offset))
+    /// As [`BertBody::load`], with position ids made as `positions` says (XLM-RoBERTa counts
+    /// them on the ids from its padding index). Weights may sit under `bert.` or `roberta.`.
+    pub fn load_positioned(vb: VarBuilder, cfg: &Config, positions: Positions) -> Result<Self> {
+        Self::load_named(root(vb, &BERT), cfg, &BERT, positions)
     }
 
     /// A BERT-shaped body under `names` in `vb` (the body's root), its positions made as
     /// `positions` says. `cfg.type_vocab_size` is read only when the family has token types.
     pub fn load_named(vb: VarBuilder, cfg: &Config, names: &Names, positions: Positions) -> Result<Self> {
-        let offset = positions.offset();
+        let offset = positions.first();
         if offset as usize + 2 > cfg.max_position_embeddings {
             candle_core::bail!("max_position_embeddings {} leaves no positions after the offset {offset}", cfg.max_position_embeddings);
         }

@@ -36,6 +36,7 @@ use tokenizers::Tokenizer;
 use super::arch::{Body, LoadFailure};
 use super::body::BertBody;
 use super::deberta::{DebertaV2Body, DebertaV2Config};
+use super::st_format::{chat_template, saved_class};
 use super::{EmbedModel, EncodeError, TokenizedText, padded_batch};
 
 /// The `model_type`s served.
@@ -189,12 +190,29 @@ fn optional_json(dir: &Path, name: &str) -> Result<Option<Value>, EncodeError> {
 
 /// What sentence-transformers would run besides the sequence-classification model, refused by
 /// name; else the prompt `predict` prepends to each query by default.
+///
+/// The library reads its own files only from a directory it saved as a CrossEncoder
+/// (modules.json, and config_sentence_transformers.json's `model_type`). Anything else gets its
+/// default modules: a sequence-classification Transformer made from the directory alone (no
+/// prompt), which renders every pair through the tokenizer's chat template when there is one.
 fn sentence_transformers_pipeline(dir: &Path, head: &HeadConfig, tokenizer_config: Option<&Value>) -> Result<Option<String>, EncodeError> {
-    if let Some(arch) = head.architectures.iter().flatten().find(|a| a.ends_with("ForCausalLM")) {
+    if let Some(arch) = head.architectures.iter().flatten().next().filter(|a| a.ends_with("ForCausalLM")) {
         return Err(load_err(
             dir,
             format!("config.json architectures: {arch:?} is a generative reranker (sentence-transformers scores it by the next-token logits of \"yes\" and \"no\"); not supported: convert it to a *ForSequenceClassification checkpoint"),
         ));
+    }
+    let chat_template_refused = |source: &str| {
+        load_err(
+            dir,
+            format!("{source}: sentence-transformers renders each pair through the tokenizer's chat template (query and document messages); chat-template cross-encoders are not supported"),
+        )
+    };
+    if saved_class(dir)?.as_deref() != Some("CrossEncoder") {
+        return match chat_template(dir, tokenizer_config) {
+            Some(source) => Err(chat_template_refused(source)),
+            None => Ok(None),
+        };
     }
     if let Some(modules) = optional_json(dir, "modules.json")? {
         let list = modules.as_array().cloned().unwrap_or_default();
@@ -214,21 +232,10 @@ fn sentence_transformers_pipeline(dir: &Path, head: &HeadConfig, tokenizer_confi
     {
         return Err(load_err(dir, format!("sentence_bert_config.json transformer_task: {task:?} is not supported (sequence-classification)")));
     }
-    // sentence-transformers renders pairs through the tokenizer's chat template (as query and
-    // document messages) when the module's modalities include "message": saved in
-    // sentence_bert_config.json, else whenever the tokenizer carries a chat template.
-    let chat_template = tokenizer_config.and_then(|c| c.get("chat_template")).is_some_and(|t| !t.is_null())
-        || dir.join("chat_template.jinja").exists()
-        || dir.join("chat_template.json").exists();
-    let messages = match st.as_ref().and_then(|c| c.get("modality_config")) {
-        Some(modalities) => modalities.get("message").is_some(),
-        None => chat_template,
-    };
-    if messages {
-        return Err(load_err(
-            dir,
-            "tokenizer_config.json chat_template: sentence-transformers renders each pair through the tokenizer's chat template (query and document messages); chat-template cross-encoders are not supported",
-        ));
+    // A saved Transformer takes the modalities it was saved with; one saved before they were
+    // recorded is text-only.
+    if st.as_ref().and_then(|c| c.get("modality_config")).is_some_and(|m| m.get("message").is_some()) {
+        return Err(chat_template_refused("sentence_bert_config.json modality_config.message"));
     }
     let Some(config) = optional_json(dir, "config_sentence_transformers.json")? else { return Ok(None) };
     let Some(name) = config.get("default_prompt_name").and_then(Value::as_str) else { return Ok(None) };

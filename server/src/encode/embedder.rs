@@ -9,7 +9,7 @@ use sha2::{Digest, Sha256};
 use tokenizers::Tokenizer;
 
 use super::arch::{Body, LoadFailure};
-use super::pooling::PoolingSpec;
+use super::pooling::{PoolMode, PoolingSpec};
 use super::st_format::{Activation, DenseSpec, StModel};
 use super::{EmbedModel, EncodeError, EncoderInfo, Prompts, TokenizedText, padded_batch};
 
@@ -127,6 +127,10 @@ impl SentenceEmbedder {
         hasher.update(&weights);
         if !st.normalize {
             hasher.update(b"\0no-normalize");
+        }
+        // A directory without a saved pooling config pools as its architecture implies.
+        if st.pooling_bytes.is_empty() && st.pooling.modes != [PoolMode::Mean] {
+            hasher.update(format!("\0implied {:?}", st.pooling.modes));
         }
         if st.do_lower_case {
             hasher.update(b"\0lowercase");

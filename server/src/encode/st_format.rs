@@ -122,6 +122,11 @@ fn as_usize(v: &Value) -> Option<usize> {
 impl StModel {
     /// Reads `dir`. Fails with the file and key of anything not supported.
     pub fn read(dir: &Path) -> Result<StModel, EncodeError> {
+        // A directory the library did not save as a SentenceTransformer (no modules.json, or
+        // another class's save) gets its default modules, whatever else the directory holds.
+        if saved_class(dir)?.as_deref() != Some("SentenceTransformer") {
+            return Self::implied(dir);
+        }
         let Some((modules, _)) = read_json(dir, "modules.json")? else {
             return Self::implied(dir);
         };
@@ -166,19 +171,40 @@ impl StModel {
         let Some((pooling, pooling_bytes)) = pooling else {
             return Err(load_err(dir, "modules.json: no Pooling module; this service serves sentence embeddings"));
         };
-        let mut model = Self::transformer(dir, transformer_dir, pooling, pooling_bytes)?;
+        let mut model = Self::transformer(dir, transformer_dir, pooling, pooling_bytes, true)?;
         model.dense = dense;
         model.normalize = normalize;
         model.prompts = read_prompts(dir)?;
         Ok(model)
     }
 
-    /// A directory without modules.json: sentence-transformers makes Transformer + mean pooling.
+    /// The default modules sentence-transformers 6 builds for a directory it did not save as a
+    /// SentenceTransformer (`_load_default_modules`): a Transformer made from the directory
+    /// alone (sentence_bert_config.json and config_sentence_transformers.json are not read: no
+    /// prompts, no saved maximum length, no Normalize), then last-token pooling when
+    /// `architectures[0]` is a `*ForCausalLM` (unless `is_causal` is false), else mean. Such a
+    /// Transformer renders every text through the tokenizer's chat template when it has one;
+    /// that is refused.
     fn implied(dir: &Path) -> Result<StModel, EncodeError> {
-        let pooling = PoolingSpec { modes: vec![PoolMode::Mean], include_prompt: true };
-        let mut model = Self::transformer(dir, dir.to_path_buf(), pooling, Vec::new())?;
-        model.prompts = read_prompts(dir)?;
-        Ok(model)
+        let tokenizer_config = read_json(dir, "tokenizer_config.json")?.map(|(v, _)| v);
+        if let Some(source) = chat_template(dir, tokenizer_config.as_ref()) {
+            return Err(load_err(
+                dir,
+                format!(
+                    "{source}: without a sentence-transformers save (modules.json) the library renders every text through the tokenizer's chat template; not supported: save the model with sentence-transformers, whose Transformer then reads plain text"
+                ),
+            ));
+        }
+        let config = read_json(dir, "config.json")?.map(|(v, _)| v).unwrap_or_default();
+        let causal_lm = config
+            .get("architectures")
+            .and_then(|a| a.get(0))
+            .and_then(Value::as_str)
+            .is_some_and(|a| a.ends_with("ForCausalLM"))
+            && config.get("is_causal").and_then(Value::as_bool).unwrap_or(true);
+        let mode = if causal_lm { PoolMode::LastToken } else { PoolMode::Mean };
+        let pooling = PoolingSpec { modes: vec![mode], include_prompt: true };
+        Self::transformer(dir, dir.to_path_buf(), pooling, Vec::new(), false)
     }
 
     fn transformer(
@@ -186,6 +212,7 @@ impl StModel {
         transformer_dir: PathBuf,
         pooling: PoolingSpec,
         pooling_bytes: Vec<u8>,
+        saved: bool,
     ) -> Result<StModel, EncodeError> {
         let tdir = transformer_dir.as_path();
         let Some((config, config_bytes)) = read_json(tdir, "config.json")? else {
@@ -195,17 +222,9 @@ impl StModel {
             Some(t) => t.to_string(),
             None => return Err(load_err(root, "config.json model_type: missing")),
         };
-        // sentence_bert_config.json (or one of its legacy names) holds the Transformer's options.
+        // sentence_bert_config.json (or one of its legacy names) holds a saved Transformer's options.
         let mut sbert: Option<(Value, String)> = None;
-        for name in [
-            "sentence_bert_config.json",
-            "sentence_roberta_config.json",
-            "sentence_distilbert_config.json",
-            "sentence_camembert_config.json",
-            "sentence_albert_config.json",
-            "sentence_xlm-roberta_config.json",
-            "sentence_xlnet_config.json",
-        ] {
+        for name in if saved { SBERT_CONFIGS.as_slice() } else { &[] } {
             if let Some((v, _)) = read_json(tdir, name)? {
                 sbert = Some((v, name.to_string()));
                 break;
@@ -265,6 +284,46 @@ impl StModel {
             prompts: PromptConfig::default(),
         })
     }
+}
+
+/// sentence_bert_config.json and the legacy names sentence-transformers still reads.
+const SBERT_CONFIGS: [&str; 7] = [
+    "sentence_bert_config.json",
+    "sentence_roberta_config.json",
+    "sentence_distilbert_config.json",
+    "sentence_camembert_config.json",
+    "sentence_albert_config.json",
+    "sentence_xlm-roberta_config.json",
+    "sentence_xlnet_config.json",
+];
+
+/// The class sentence-transformers saved `dir` as, which decides how the library loads it:
+/// config_sentence_transformers.json's `model_type`, "SentenceTransformer" when the file or the
+/// key is absent (the library's own default). `None` without modules.json: the library did
+/// not save it, and builds its default modules instead.
+pub fn saved_class(dir: &Path) -> Result<Option<String>, EncodeError> {
+    if !dir.join("modules.json").exists() {
+        return Ok(None);
+    }
+    let class = read_json(dir, "config_sentence_transformers.json")?
+        .and_then(|(v, _)| v.get("model_type").and_then(Value::as_str).map(str::to_string))
+        .unwrap_or_else(|| "SentenceTransformer".to_string());
+    Ok(Some(class))
+}
+
+/// Where the tokenizer in `dir` keeps a chat template, if it has one (transformers reads it
+/// from tokenizer_config.json, chat_template.jinja, chat_template.json, or the named templates
+/// of additional_chat_templates/). A Transformer that sentence-transformers builds rather than
+/// loads from its own save renders text through it.
+pub fn chat_template(dir: &Path, tokenizer_config: Option<&Value>) -> Option<&'static str> {
+    if tokenizer_config.and_then(|c| c.get("chat_template")).is_some_and(|t| !t.is_null()) {
+        return Some("tokenizer_config.json chat_template");
+    }
+    if let Some(file) = ["chat_template.jinja", "chat_template.json"].into_iter().find(|f| dir.join(f).exists()) {
+        return Some(file);
+    }
+    let named = std::fs::read_dir(dir.join("additional_chat_templates")).is_ok_and(|mut d| d.next().is_some());
+    named.then_some("additional_chat_templates/")
 }
 
 fn read_pooling(dir: &Path, path: &str) -> Result<(PoolingSpec, Vec<u8>), EncodeError> {
