@@ -23,12 +23,26 @@ cost: for speed, not for retrieval quality.
   global, rotary bases 1000000 / 10000, `query_pre_attn_scalar` 256, 2048 positions), mean
   pooling, Dense 768 -> 3072 -> 768 (Identity, no bias), Normalize.
 
-The tokenizer is the BERT model's WordPiece for every architecture (its vocabulary sizes the
-embeddings): it decides the token counts, not the cost per token.
+- `deberta-v2`: DeBERTa-v3-base's width (hidden 768, 12 heads, MLP of 3072, disentangled
+  c2p/p2c attention over 256 log-bucketed relative positions with shared keys and a normed
+  relative embedding, no absolute positions), as mixedbread-ai/mxbai-rerank-base-v1 has it; a
+  cross-encoder only (`--sequence-classification`), with the Unigram tokenizer of
+  tests/fixtures/cross_encoders/deberta-v3-rel (a DeBERTa checkpoint needs a
+  `DebertaV2Tokenizer`).
+
+The tokenizer is the BERT model's WordPiece for every other architecture (its vocabulary sizes
+the embeddings): it decides the token counts, not the cost per token.
+
+`--sequence-classification` saves a one-label `*ForSequenceClassification` checkpoint
+(transformers' layout, no sentence-transformers files) instead of a bi-encoder: a cross-encoder
+of that body for `compare_st.py --cross-encoder-body` (modernbert, qwen3, deberta-v2).
 
     bench/.venv/bin/python bench/make_model.py /tmp/modernbert-base-6 --arch modernbert --layers 6
     python3 bench/compare_st.py --model /tmp/modernbert-base-6 \\
         --cross-encoder-body models/all-MiniLM-L6-v2 ../shared/datasets/cranfield
+    bench/.venv/bin/python bench/make_model.py /tmp/deberta-ce --arch deberta-v2 --sequence-classification
+    python3 bench/compare_st.py --model models/all-MiniLM-L6-v2 --cross-encoder-body /tmp/deberta-ce \\
+        ../shared/datasets/cranfield
 """
 import argparse
 import contextlib
@@ -43,7 +57,8 @@ ROOT = Path(__file__).resolve().parent.parent
 def main() -> None:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("dst", type=Path, help="directory to write the model to")
-    p.add_argument("--arch", choices=["modernbert", "qwen3", "distilbert", "mpnet", "qwen2", "gemma3"], default="modernbert")
+    p.add_argument("--arch", choices=["modernbert", "qwen3", "distilbert", "mpnet", "qwen2", "gemma3", "deberta-v2"], default="modernbert")
+    p.add_argument("--sequence-classification", action="store_true", help="save a one-label cross-encoder of the body instead of a bi-encoder")
     p.add_argument(
         "--layers",
         type=int,
@@ -61,6 +76,10 @@ def main() -> None:
     from sentence_transformers import SentenceTransformer
     from sentence_transformers.sentence_transformer.modules import Dense, Normalize, Pooling, Transformer
 
+    if args.arch == "deberta-v2":
+        args.tokenizer = ROOT / "tests" / "fixtures" / "cross_encoders" / "deberta-v3-rel"
+        if not args.sequence_classification:
+            p.error("--arch deberta-v2 makes a cross-encoder: add --sequence-classification")
     tokenizer = transformers.AutoTokenizer.from_pretrained(str(args.tokenizer))
     normalize = True
     dense: list[int] = []  # Dense output widths after pooling (Identity, no bias)
@@ -147,6 +166,26 @@ def main() -> None:
             pad_token_id=tokenizer.pad_token_id,
         )
         body_class, pooling = transformers.Qwen2Model, "lasttoken"
+    elif args.arch == "deberta-v2":
+        config = transformers.DebertaV2Config(
+            vocab_size=len(tokenizer),
+            hidden_size=768,
+            intermediate_size=3072,
+            num_hidden_layers=args.layers,
+            num_attention_heads=12,
+            hidden_act="gelu",
+            max_position_embeddings=512,
+            relative_attention=True,
+            position_buckets=256,
+            max_relative_positions=-1,
+            pos_att_type=["p2c", "c2p"],
+            norm_rel_ebd="layer_norm",
+            share_att_key=True,
+            position_biased_input=False,
+            type_vocab_size=0,
+            pad_token_id=tokenizer.pad_token_id,
+        )
+        body_class, pooling = transformers.DebertaV2Model, "mean"
     else:
         config = transformers.Gemma3TextConfig(
             vocab_size=tokenizer.vocab_size,
@@ -172,6 +211,14 @@ def main() -> None:
         body_class, pooling, dense = transformers.Gemma3TextModel, "mean", [3072, 768]
     torch.manual_seed(args.seed)
     transformers.logging.disable_progress_bar()
+    if args.sequence_classification:
+        config.num_labels = 1
+        model = transformers.AutoModelForSequenceClassification.from_config(config).eval()
+        shutil.rmtree(args.dst, ignore_errors=True)
+        model.save_pretrained(str(args.dst), safe_serialization=True)
+        tokenizer.save_pretrained(str(args.dst))
+        print(f"wrote {args.dst}: {type(model).__name__}, {args.layers} layers of hidden {config.hidden_size}, {sum(t.numel() for t in model.parameters()) / 1e6:.0f}M parameters")
+        return
     with tempfile.TemporaryDirectory() as body, contextlib.redirect_stderr(io.StringIO()):
         body_class(config).eval().save_pretrained(body, safe_serialization=True)
         tokenizer.save_pretrained(body)
