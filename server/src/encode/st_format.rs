@@ -124,11 +124,9 @@ impl StModel {
     pub fn read(dir: &Path) -> Result<StModel, EncodeError> {
         // A directory the library did not save as a SentenceTransformer (no modules.json, or
         // another class's save) gets its default modules, whatever else the directory holds.
-        if saved_class(dir)?.as_deref() != Some("SentenceTransformer") {
-            return Self::implied(dir);
-        }
-        let Some((modules, _)) = read_json(dir, "modules.json")? else {
-            return Self::implied(dir);
+        let modules = match read_json(dir, "modules.json")? {
+            Some((modules, _)) if saved_class(dir)?.as_deref() == Some("SentenceTransformer") => modules,
+            _ => return Self::implied(dir),
         };
         let entries: Vec<ModuleEntry> =
             serde_json::from_value(modules).map_err(|e| load_err(dir, format!("modules.json: {e}")))?;
