@@ -1,5 +1,5 @@
-"""One rank of test_training.py's torchrun test: online mining with a refresh at step 2, under
-torch.distributed on CPU. Writes what this rank mined and uploaded to $HARDNEG_OUT/rank<r>.json."""
+"""One rank of test_training.py's torchrun test: online mining with a refresh at step 2, in
+topic batches, under torch.distributed on CPU. Writes what this rank mined and uploaded to $HARDNEG_OUT/rank<r>.json."""
 from __future__ import annotations
 
 import json
@@ -47,6 +47,14 @@ def main() -> None:
     )
     # The trainer's arguments set up torch.distributed; from here every rank takes part.
     assert args.world_size == 2, args.world_size
+    samplers = []
+    make = training.topic_batches(model, cluster_size=4)
+
+    def topic_sampler(*a, **kw):
+        samplers.append(make(*a, **kw))
+        return samplers[-1]
+
+    args.batch_sampler = topic_sampler
     training.index_corpus(miner, "ddp", corpus, model)
     mined = []
     collator = training.MiningCollator(
@@ -66,6 +74,7 @@ def main() -> None:
         "history": [[s, g] for s, g, _ in refresh.history],
         "generations_after_refresh": after,
         "final_generation": miner.get("ddp").generation,
+        "topics": samplers[0]._topics,
     }))
 
 

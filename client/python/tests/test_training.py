@@ -273,8 +273,9 @@ def test_mine_hard_negatives_with_hardneg_options(miner: hardneg.Miner, corpus: 
 
 
 def test_torchrun_two_ranks_mine_their_own_batches_and_refresh_in_shards(server: Server, corpus: List[dict], pairs: Dataset, tmp_path: Path) -> None:
-    """torchrun, 2 processes on CPU: each rank mines its own batches, the refresh uploads one
-    shard per rank and rank 0 commits once."""
+    """torchrun, 2 processes on CPU, in topic batches: each rank mines its own batches, the
+    refresh uploads one shard per rank and rank 0 commits once; both cut batches from the same
+    topics."""
     out = tmp_path / "ddp"
     out.mkdir()
     env = dict(os.environ, HARDNEG_ADDR=server.addr, HARDNEG_OUT=str(out), HARDNEG_MODEL_DIR=str(model_dir()),
@@ -300,3 +301,71 @@ def test_torchrun_two_ranks_mine_their_own_batches_and_refresh_in_shards(server:
     assert ranks[0]["history"] == ranks[1]["history"] == [[2, 2], [4, 3]]
     assert all(r["generations_after_refresh"] and min(r["generations_after_refresh"]) >= 2 for r in ranks)
     assert (ranks[0]["final_generation"], ranks[1]["final_generation"]) == (3, 3)
+    assert ranks[0]["topics"] == ranks[1]["topics"] and len(set(ranks[0]["topics"])) > 1
+
+
+TOPICS = {
+    "wing": [f"aircraft wing {x}" for x in ("lift", "drag", "stall", "flutter", "twist", "sweep")],
+    "cancer": [f"cancer cells {x}" for x in ("metastasis", "mutation", "growth", "apoptosis", "therapy", "screening")],
+    "football": [f"football match {x}" for x in ("score", "referee", "penalty", "tickets", "stadium", "highlights")],
+}
+
+
+def topic_pairs() -> Dataset:
+    """Anchors on three topics; two anchors of each topic share a positive text."""
+    rows = [{"anchor": a, "positive": f"about {topic}, {i // 2}", "topic": topic}
+            for topic, anchors in TOPICS.items() for i, a in enumerate(anchors)]
+    return Dataset.from_list(rows)
+
+
+def test_topic_batches_draw_each_batch_from_one_topic_without_duplicates(tmp_path: Path) -> None:
+    """cluster_anchors finds the three topics; TopicBatchSampler cuts them into batches that
+    hold one topic each, every row once per epoch, no text twice in a batch, the same
+    batches for the same seed and epoch; the Trainer trains on those batches."""
+    model = load_model()
+    data = topic_pairs()
+    found = training.cluster_anchors(model, data["anchor"], 3, seed=1)
+    assert {len({t for t, f in zip(data["topic"], found) if f == c}) for c in set(found)} == {1}, found  # one topic per cluster
+    assert len(set(found)) == 3
+    assert found == training.cluster_anchors(model, data["anchor"], 3, seed=1)
+
+    make = training.topic_batches(model, cluster_size=6)
+    sampler = make(data.remove_columns("topic"), batch_size=3, drop_last=False, valid_label_columns=["label"], seed=4)
+    assert isinstance(sampler, training.TopicBatchSampler) and len(sampler) == 6
+    epochs = []
+    for epoch in (0, 1):
+        sampler.set_epoch(epoch)
+        batches = list(sampler)
+        assert sorted(i for b in batches for i in b) == list(range(len(data)))  # every row once
+        for b in batches:
+            texts = [data[i]["anchor"] for i in b] + [data[i]["positive"] for i in b]
+            assert len(texts) == len(set(texts))  # no duplicate text in a batch
+            assert len({data[i]["topic"] for i in b}) == 1, [data[i]["anchor"] for i in b]  # one topic
+        epochs.append(batches)
+    sampler.set_epoch(0)
+    assert list(sampler) == epochs[0] and epochs[0] != epochs[1]
+
+    # Through the library's Trainer: the loss sees the sampler's batches.
+    loss = Recording(model)
+    args = arguments(tmp_path, steps=2, batch_size=3)
+    args.batch_sampler = training.topic_batches(model, cluster_size=6)
+    trainer = SentenceTransformerTrainer(model=model, args=args, train_dataset=data.remove_columns("topic"), loss=loss)
+    trainer.train()
+    assert len(loss.seen) == 2
+    tokenizer = model.tokenizer
+    for features in loss.seen:
+        anchors = tokenizer.batch_decode(features[0], skip_special_tokens=True)
+        assert len({next(t for t, a in TOPICS.items() if text in a) for text in anchors}) == 1, anchors
+
+
+def test_topic_batches_bad_input() -> None:
+    model = load_model()
+    data = topic_pairs()
+    with pytest.raises(ValueError, match="anchor_column 'query'"):
+        training.topic_batches(model, anchor_column="query")(data, batch_size=3, drop_last=False)
+    with pytest.raises(ValueError, match="cluster_size must be at least 1"):
+        training.topic_batches(model, cluster_size=-1)(data, batch_size=3, drop_last=False)
+    with pytest.raises(ValueError, match="n_clusters must be at least 1"):
+        training.cluster_anchors(model, data["anchor"], 0)
+    with pytest.raises(ValueError, match=r"topics: one per dataset row \(18\), got 2"):
+        training.TopicBatchSampler(data, 3, False, topics=[0, 1])

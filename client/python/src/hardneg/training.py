@@ -42,6 +42,7 @@ from .v1 import hardneg_pb2 as pb
 try:  # the training stack; the client itself works without it
     import torch
     from sentence_transformers import SentenceTransformer, SentenceTransformerTrainer
+    from sentence_transformers.base.sampler import DefaultBatchSampler
     from sentence_transformers.sentence_transformer.data_collator import SentenceTransformerDataCollator
     from transformers import TrainerCallback
 except ImportError as e:  # pragma: no cover - exercised only without the extra
@@ -58,9 +59,12 @@ __all__ = [
     "MiningCollator",
     "MiningTrainer",
     "RefreshCallback",
+    "TopicBatchSampler",
+    "cluster_anchors",
     "index_corpus",
     "mine_hard_negatives",
     "positives_of",
+    "topic_batches",
 ]
 
 OnShort = Literal["random", "drop"]
@@ -583,6 +587,185 @@ class MiningTrainer(SentenceTransformerTrainer):
             self.data_collator = collator
         self._train_dataloader = _Prefetching(loader, collator)
         return self._train_dataloader
+
+
+# ------------------------------------------------------------------------------ topic batches
+
+
+def cluster_anchors(
+    model: "SentenceTransformer",
+    anchors: Sequence[str],
+    n_clusters: int,
+    *,
+    seed: int = 0,
+    iterations: int = 10,
+    batch_size: int = 64,
+) -> List[int]:
+    """Each anchor's topic: spherical k-means (cosine similarity; k-means++ seeding drawn with
+    ``seed``, then ``iterations`` Lloyd steps) over the model's query embeddings
+    (``encode_query``, so the model's prompts apply). Deterministic for a given model, anchors
+    and seed, so every torchrun rank computes the same topics. Time grows with anchors x
+    clusters x dimensions per iteration; memory stays at the embeddings plus 8,192 x clusters
+    similarities."""
+    if n_clusters < 1:
+        raise ValueError(f"n_clusters must be at least 1, got {n_clusters}")
+    if not anchors:
+        return []
+    x = torch.nn.functional.normalize(torch.from_numpy(_encode(model, anchors, "query", batch_size)), dim=1)
+    g = torch.Generator().manual_seed(seed)
+    k = min(n_clusters, len(anchors))
+
+    def nearest(centroids: "torch.Tensor") -> Tuple["torch.Tensor", "torch.Tensor"]:
+        best = [(chunk @ centroids.T).max(dim=1) for chunk in x.split(8192)]
+        return torch.cat([b.values for b in best]), torch.cat([b.indices for b in best])
+
+    # k-means++: each next seed drawn with probability growing with its distance to the seeds so far.
+    chosen = [int(torch.randint(len(anchors), (1,), generator=g))]
+    closest = (x @ x[chosen[0]]).clamp(max=1.0)
+    while len(chosen) < k:
+        weight = (1.0 - closest).clamp(min=0.0) ** 2
+        nxt = int(torch.multinomial(weight, 1, generator=g)) if float(weight.sum()) > 0 else int(
+            torch.randint(len(anchors), (1,), generator=g))
+        chosen.append(nxt)
+        closest = torch.maximum(closest, x @ x[nxt])
+    centroids = x[chosen].clone()
+    assign = nearest(centroids)[1]
+    for _ in range(iterations):
+        sums = torch.zeros_like(centroids).index_add_(0, assign, x)
+        counts = torch.bincount(assign, minlength=k)
+        centroids = torch.where((counts > 0)[:, None], torch.nn.functional.normalize(sums, dim=1), centroids)
+        assign = nearest(centroids)[1]
+    return assign.tolist()
+
+
+class TopicBatchSampler(DefaultBatchSampler):
+    """Batches of anchors on one topic (topic-aware sampling, as TAS-B): the other rows of a
+    batch are about the same thing, so the in-batch negatives that losses such as
+    MultipleNegativesRankingLoss use are hard ones too, not random documents.
+
+    ``topics[i]`` is row i's topic (see :func:`cluster_anchors`). Each epoch the topics are
+    shuffled, and each topic's rows, and the rows are cut into batches in that order, so a
+    batch holds one topic (or the end of one and the start of the next). As the library's
+    ``NO_DUPLICATES`` sampler, no text appears twice in a batch (any column but the label): a
+    row whose text is already in the batch waits for the next batch. Deterministic for a
+    given ``seed`` and epoch. ``len`` is the library's estimate (rows / batch size); with
+    ``drop_last=False`` a batch closed early by duplicates, and the last one, may be short."""
+
+    def __init__(
+        self,
+        dataset: Any,
+        batch_size: int,
+        drop_last: bool,
+        valid_label_columns: Optional[List[str]] = None,
+        generator: Optional["torch.Generator"] = None,
+        seed: int = 0,
+        *,
+        topics: Sequence[int],
+    ) -> None:
+        super().__init__(dataset, batch_size=batch_size, drop_last=drop_last, valid_label_columns=valid_label_columns,
+                         generator=generator, seed=seed)
+        if len(topics) != len(dataset):
+            raise ValueError(f"topics: one per dataset row ({len(dataset)}), got {len(topics)}")
+        labels = set(dataset.column_names) & set(valid_label_columns or [])
+        self._columns = [c for c in dataset.column_names if c not in labels]
+        self._dataset = dataset
+        self._topics = list(topics)
+
+    def _values(self, index: int) -> set:
+        row = self._dataset[index]
+        return {str(row[c]) for c in self._columns}
+
+    def __iter__(self) -> Iterator[List[int]]:
+        g = torch.Generator().manual_seed(self.seed + self.epoch)
+        by_topic: Dict[int, List[int]] = {}
+        for i, t in enumerate(self._topics):
+            by_topic.setdefault(t, []).append(i)
+        groups = list(by_topic.values())
+        pending: Deque[int] = collections.deque()
+        for t in torch.randperm(len(groups), generator=g).tolist():
+            pending.extend(groups[t][j] for j in torch.randperm(len(groups[t]), generator=g).tolist())
+        waiting: List[int] = []  # rows that collided with an earlier batch: first in line for the next
+        while pending or waiting:
+            batch: List[int] = []
+            values: set = set()
+            collided: List[int] = []
+
+            def offer(i: int) -> None:
+                v = self._values(i)
+                if v.isdisjoint(values):
+                    batch.append(i)
+                    values.update(v)
+                else:
+                    collided.append(i)
+
+            for n, i in enumerate(waiting):
+                if len(batch) == self.batch_size:
+                    collided.extend(waiting[n:])
+                    break
+                offer(i)
+            while len(batch) < self.batch_size and pending:
+                offer(pending.popleft())
+            waiting = collided
+            if len(batch) == self.batch_size or not self.drop_last:
+                yield batch  # never empty: the first row offered always fits
+            # With drop_last a short batch (only at the end, or duplicates of one text) is dropped.
+
+    def __len__(self) -> int:
+        n = len(self._dataset)
+        return n // self.batch_size if self.drop_last else (n + self.batch_size - 1) // self.batch_size
+
+
+def topic_batches(
+    model: "SentenceTransformer",
+    *,
+    cluster_size: Optional[int] = None,
+    max_clusters: int = 1024,
+    anchor_column: Optional[str] = None,
+    iterations: int = 10,
+    encode_batch_size: int = 64,
+) -> Callable[..., TopicBatchSampler]:
+    """A ``batch_sampler`` for ``SentenceTransformerTrainingArguments`` that draws each batch
+    from one topic of the training anchors (:class:`TopicBatchSampler`)::
+
+        args = SentenceTransformerTrainingArguments(..., batch_sampler=training.topic_batches(model))
+
+    When the Trainer builds its data loader, ``model`` encodes the distinct anchors (the first
+    column unless ``anchor_column`` names one) and :func:`cluster_anchors` groups them into
+    topics of about ``cluster_size`` anchors (default: one batch's worth, in at most
+    ``max_clusters`` topics, which bounds the clustering's time on large sets), seeded with
+    the Trainer's seed. It is the trainer's model at that moment, so the topics are those of
+    the model training starts from. Under torchrun process 0 clusters and sends the topics to
+    the others, so that all cut the same batches.
+
+    Related anchors in one batch make every loss that uses in-batch negatives harder, and
+    also riskier: a positive of one anchor may be relevant to another anchor of its topic
+    and is then a false negative for it. Measure it on held-out queries (bench/train_eval.py
+    ``--topic-batches``)."""
+
+    def make(dataset: Any, batch_size: int, drop_last: bool, valid_label_columns: Optional[List[str]] = None,
+             generator: Optional["torch.Generator"] = None, seed: int = 0) -> TopicBatchSampler:
+        column = anchor_column or dataset.column_names[0]
+        if column not in dataset.column_names:
+            raise ValueError(f"anchor_column {column!r} is not a column of the training dataset {dataset.column_names}")
+        anchors = list(dict.fromkeys(dataset[column]))
+        if cluster_size is not None and cluster_size < 1:
+            raise ValueError(f"cluster_size must be at least 1, got {cluster_size}")
+        n = round(len(anchors) / cluster_size) if cluster_size else min(max_clusters, round(len(anchors) / batch_size))
+        # Under torchrun process 0 clusters and the others take its topics: every process must
+        # cut the same batches (each then trains on its share of them).
+        rank, world = _rank()
+        found: List[Optional[List[int]]] = [None]
+        with _every_rank("clustering the training anchors into topics"):
+            if rank == 0:
+                found[0] = cluster_anchors(model, anchors, max(1, n), seed=seed, iterations=iterations,
+                                           batch_size=encode_batch_size)
+        if world > 1:
+            torch.distributed.broadcast_object_list(found, src=0)
+        topic_of = dict(zip(anchors, found[0] or []))
+        return TopicBatchSampler(dataset, batch_size, drop_last, valid_label_columns, generator, seed,
+                                 topics=[topic_of[a] for a in dataset[column]])
+
+    return make
 
 
 # ------------------------------------------------------------------------------ refresh
