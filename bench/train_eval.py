@@ -27,7 +27,9 @@ the NO_DUPLICATES batch sampler; nothing here trains or computes a loss itself:
 Offline rows (2-4) keep only the queries that got all n negatives (the library's n-tuple
 format), so they train on fewer rows ("rows used"); online rows keep every row and fill a
 missing negative with a random corpus document (the collator's default on_short="random").
---row-option R:KEY=VALUE adds a MineOptions field to hardneg row R (4, 5 or 6).
+--row-option R:KEY=VALUE adds a MineOptions field to hardneg row R (4, 5 or 6);
+--topic-batches ROWS trains those rows on hardneg's topic batches (training.topic_batches,
+TAS-B's topic-aware sampling) instead of the library's NO_DUPLICATES sampler.
 
 Evaluation: the test queries against the whole corpus (every non-empty document), exact
 cosine ranking (ties by corpus order). nDCG@10 with linear graded gains (as pytrec_eval /
@@ -124,6 +126,9 @@ def parse_args() -> argparse.Namespace:
     p.add_argument("--encode-batch", type=int, default=64, help="texts per batch when encoding without gradients")
     p.add_argument("--refresh-every", type=int, help="online rows: steps between index refreshes (default 10; --quick 3)")
     p.add_argument("--prefetch", type=int, default=2, help="online rows: batches in flight")
+    p.add_argument("--topic-batches", default="", metavar="ROWS",
+                   help="trained rows whose batches are drawn by topic (hardneg's training.topic_batches) instead of the "
+                        "library's NO_DUPLICATES sampler, e.g. 4,5")
     p.add_argument("--simans-option", action="append", default=[], metavar="KEY=VALUE", help="extra MineOptions field for row 6")
     p.add_argument("--row-option", action="append", default=[], metavar="R:KEY=VALUE", help="extra MineOptions field for hardneg row R")
     p.add_argument("--holdout", type=float, help="tune without the test split: hold out this share of the training queries "
@@ -139,6 +144,9 @@ def parse_args() -> argparse.Namespace:
     args.refresh_every = args.refresh_every or (QUICK["refresh_every"] if args.quick else 10)
     args.rows = sorted({int(r) for r in args.rows.split(",")})
     args.redo = sorted({int(r) for r in args.redo.split(",") if r.strip()})
+    args.topic_batches = sorted({int(r) for r in args.topic_batches.split(",") if r.strip()})
+    if not set(args.topic_batches) <= set(ROWS) - {0}:
+        p.error(f"--topic-batches: trained rows are {sorted(set(ROWS) - {0})}")
     if not set(args.rows) <= set(ROWS):
         p.error(f"--rows: rows are {sorted(ROWS)}")
     args.options = {4: {}, 5: {}, 6: {"sampling": "ambiguous"}}
@@ -339,7 +347,7 @@ def evaluate_model(model, col: dict, args) -> dict:
 # ---------------------------------------------------------------- training (the library's Trainer)
 
 
-def trainer_args(args, seed: int, workdir: str):
+def trainer_args(args, seed: int, workdir: str, sampler=None):
     from sentence_transformers import SentenceTransformerTrainingArguments
     from sentence_transformers.base.sampler import BatchSamplers
 
@@ -351,7 +359,7 @@ def trainer_args(args, seed: int, workdir: str):
         learning_rate=args.lr,
         warmup_steps=args.warmup_ratio,  # a float below 1: a share of the steps
         lr_scheduler_type="linear",
-        batch_sampler=BatchSamplers.NO_DUPLICATES,
+        batch_sampler=sampler or BatchSamplers.NO_DUPLICATES,
         seed=seed,
         data_seed=seed,
         use_cpu=args.device == "cpu",
@@ -375,6 +383,7 @@ def train_run(r: int, seed: int, col: dict, args, data, miner=None, collection=N
     model = load_model(args)
     loss = MultipleNegativesRankingLoss(model, scale=args.scale)
     workdir = tempfile.mkdtemp(prefix="train-eval-")
+    sampler = training.topic_batches(model, encode_batch_size=args.encode_batch) if r in args.topic_batches else None
     stats: dict = {}
     t = time.perf_counter()
     try:
@@ -396,12 +405,12 @@ def train_run(r: int, seed: int, col: dict, args, data, miner=None, collection=N
             training.index_corpus(miner, collection, corpus, model, encoder_name=f"seed{seed}-base", vectors=base_vectors)
             collator = training.MiningCollator(
                 miner, collection, corpus, model, num_negatives=args.negatives, prefetch=args.prefetch, seed=seed,
-                positives=training.positives_of(data), on_batch=seen, preset="denoised", range_min=RANGE_MIN,
-                range_max=RANGE_MAX, encode_batch_size=args.encode_batch, **args.options[r],
+                positives=training.positives_of(data), on_batch=seen, encode_batch_size=args.encode_batch,
+                **{"preset": "denoised", "range_min": RANGE_MIN, "range_max": RANGE_MAX, **args.options[r]},
             )
             refresh = training.RefreshCallback(collator, every_n_steps=args.refresh_every, batch_size=args.encode_batch,
                                                name_prefix=f"seed{seed}-step")
-            trainer = training.MiningTrainer(model=model, args=trainer_args(args, seed, workdir), train_dataset=data,
+            trainer = training.MiningTrainer(model=model, args=trainer_args(args, seed, workdir, sampler), train_dataset=data,
                                              loss=loss, data_collator=collator, callbacks=[refresh])
             trainer.train()
             rows = collator.stats["rows"] + collator.stats["rows_dropped"]
@@ -414,7 +423,7 @@ def train_run(r: int, seed: int, col: dict, args, data, miner=None, collection=N
                 "generations_used": sorted(set(counts["generations"])),
             }
         else:
-            trainer = SentenceTransformerTrainer(model=model, args=trainer_args(args, seed, workdir), train_dataset=data, loss=loss)
+            trainer = SentenceTransformerTrainer(model=model, args=trainer_args(args, seed, workdir, sampler), train_dataset=data, loss=loss)
             trainer.train()
         stats["steps"] = trainer.state.global_step
         stats["train_loss"] = trainer.state.log_history[-1].get("train_loss") if trainer.state.log_history else None
@@ -501,12 +510,12 @@ class Store:
                 print(f"{path}: earlier results were made with another protocol; starting over (kept as .old)", flush=True)
                 shutil.copyfile(path, str(path) + ".old")
 
-    def row(self, r: int, settings: dict) -> dict:
+    def row(self, r: int, settings: dict, label: str) -> dict:
         row = self.data["rows"].get(str(r))
         if row is None or row.get("settings") != settings:
             if row is not None and row.get("runs"):
                 print(f"  row {r}: its settings changed; its {len(row['runs'])} earlier run(s) are dropped", flush=True)
-            row = self.data["rows"][str(r)] = {"label": ROWS[r], "settings": settings, "runs": {}}
+            row = self.data["rows"][str(r)] = {"label": label, "settings": settings, "runs": {}}
         return row
 
     def put(self, row: dict, seed, result: dict) -> None:
@@ -547,7 +556,14 @@ def run_collection(col: dict, args, miner, store: Store, cache: Path) -> None:
         seeds = [None] if r == 0 else args.seeds
         settings = {"options": args.options.get(r), "refresh_every": args.refresh_every if r in (5, 6) else None,
                     "prefetch": args.prefetch if r in (5, 6) else None}
-        row = store.row(r, settings)
+        label = ROWS[r]
+        extra = {k: v for k, v in (args.options.get(r) or {}).items() if (k, v) != ("sampling", "ambiguous")}
+        if extra:
+            label += ", with " + ", ".join(f"{k}={v}" for k, v in extra.items())
+        if r in args.topic_batches:
+            settings["batches"] = "topic"
+            label += ", topic batches (training.topic_batches)"
+        row = store.row(r, settings, label)
         todo = [s for s in seeds if str(s) not in row["runs"]]
         print(f"  row {r}: {ROWS[r]}: {len(seeds) - len(todo)} of {len(seeds)} runs already done", flush=True)
         if not todo:
@@ -637,7 +653,7 @@ def markdown(col: dict, store: Store, args, env: dict) -> str:
         f"### {col['name']}: {len(col['pairs'])} training pairs, {len(col['test'])} test queries, {len(col['docs'])} documents",
         "",
         f"{Path(str(args.model)).name} fine-tuned with SentenceTransformerTrainer and MultipleNegativesRankingLoss (scale {args.scale:g}, "
-        f"NO_DUPLICATES batches of {args.batch_size}, " + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs:g} epoch(s)")
+        f"{'NO_DUPLICATES' if not args.topic_batches else 'NO_DUPLICATES (topic batches where the row says so)'} batches of {args.batch_size}, " + (f"{args.max_steps} steps" if args.max_steps else f"{args.epochs:g} epoch(s)")
         + f", lr {args.lr:g} with {args.warmup_ratio:g} warmup then linear decay, max length {args.max_seq_length}); "
         f"{args.negatives} mined negative(s) per query (rows 2-6); online rows refresh every {args.refresh_every} steps, "
         f"{args.prefetch} batches in flight. Split: {col['split']}. Mean ± sample sd over the seeds. "
