@@ -75,6 +75,7 @@ import math
 import os
 import re
 import shutil
+import signal
 import statistics
 import subprocess
 import sys
@@ -755,6 +756,8 @@ def main() -> None:
                 if k in ("model", "epochs", "max_steps", "batch_size", "negatives", "lr", "warmup_ratio", "scale",
                          "max_seq_length", "holdout")}
     protocol["device"] = args.device
+    # A kill (SIGTERM) unwinds like an error, so the server below is stopped, not orphaned.
+    signal.signal(signal.SIGTERM, lambda signum, frame: sys.exit(128 + signum))
     server = Server(args.server, args.model)
     failed = True
     try:
