@@ -302,6 +302,89 @@ fn deberta_tokenizer(dir: &Path, config: Option<&Value>) -> Result<Tokenizer, En
     Tokenizer::from_bytes(serde_json::to_vec(&file).map_err(|e| err(e.to_string()))?).map_err(|e| err(e.to_string()))
 }
 
+/// A cross-encoder's body and head as read from its weights, with what loading needs of its
+/// family: the family's name, its position limit and its padding id.
+struct Built {
+    arch: Arch,
+    family: &'static str,
+    positions: usize,
+    default_pad: u32,
+}
+
+/// Builds `model_type`'s body (in `dtype`) and head (in f32) from `vb`; `config_bytes` is
+/// config.json, `head` its classification fields.
+fn build(dir: &Path, model_type: &str, config_bytes: &[u8], head: &HeadConfig, num_labels: usize, vb: VarBuilder, dtype: DType) -> Result<Built, EncodeError> {
+    let mismatch = |e: candle_core::Error| load_err(dir, format!("model.safetensors does not match config.json: {e}"));
+    let body_failure = |e: LoadFailure| match e {
+        LoadFailure::Config(reason) if reason.contains("f32 only") => EncodeError::Unsupported(format!("{}: {model_type} cross-encoders run in f32 only; set the dtype to \"f32\"", dir.display())),
+        LoadFailure::Config(reason) => load_err(dir, reason),
+        LoadFailure::Weights(e) => mismatch(e),
+    };
+    let parse = |what: &str| -> Result<Value, EncodeError> { serde_json::from_slice(config_bytes).map_err(|e| load_err(dir, format!("config.json ({what}): {e}"))) };
+    let f32_head = vb.to_dtype(DType::F32);
+    let (arch, family, positions, default_pad) = match model_type {
+        "xlm-roberta" | "roberta" => {
+            // candle-transformers builds this family's attention mask in f32 and adds it to
+            // the scores, so its forward pass only runs in f32.
+            if dtype != DType::F32 {
+                return Err(EncodeError::Unsupported(format!(
+                    "{}: {model_type} cross-encoders run in f32 only; set the dtype to \"f32\"",
+                    dir.display()
+                )));
+            }
+            let cfg: XlmRobertaConfig =
+                serde_json::from_slice(config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
+            let model = XLMRobertaForSequenceClassification::new(num_labels, &cfg, vb).map_err(mismatch)?;
+            // Positions start after the padding index.
+            let positions = cfg.max_position_embeddings.saturating_sub(cfg.pad_token_id as usize + 1);
+            (Arch::XlmRoberta(model), "xlm-roberta", positions, 1)
+        }
+        "bert" => {
+            let cfg: BertConfig =
+                serde_json::from_slice(config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
+            let body = BertBody::load(vb.clone(), &cfg).map_err(mismatch)?;
+            let root = if f32_head.contains_tensor("bert.pooler.dense.weight") { f32_head.pp("bert") } else { f32_head.clone() };
+            let pooler = linear(root.pp("pooler.dense"), cfg.hidden_size, cfg.hidden_size).map_err(mismatch)?;
+            let classifier = linear(f32_head.pp("classifier"), cfg.hidden_size, num_labels).map_err(mismatch)?;
+            (Arch::Bert { body, pooler, classifier }, "bert", cfg.max_position_embeddings, 0)
+        }
+        "modernbert" => {
+            let (body, info) = Body::load("modernbert", config_bytes, vb.clone()).map_err(body_failure)?;
+            let cfg: ModernBertHeadConfig = serde_json::from_value(parse("head")?).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
+            let mean = match cfg.classifier_pooling.as_str() {
+                "cls" => false,
+                "mean" => true,
+                other => return Err(load_err(dir, format!("config.json classifier_pooling: {other:?} is not supported (cls, mean)"))),
+            };
+            let act = Act::parse("classifier_activation", &cfg.classifier_activation).map_err(|e| load_err(dir, e))?;
+            let h = cfg.hidden_size;
+            let d = f32_head.pp("head.dense");
+            let dense = if cfg.classifier_bias { linear(d, h, h) } else { linear_no_bias(d, h, h) }.map_err(mismatch)?;
+            let norm = LayerNorm::new_no_bias(f32_head.pp("head.norm").get(h, "weight").map_err(mismatch)?, cfg.norm_eps);
+            let classifier = linear(f32_head.pp("classifier"), h, num_labels).map_err(mismatch)?;
+            (Arch::ModernBert { body, dense, act, norm, classifier, mean }, "modernbert", info.max_positions, info.pad_id)
+        }
+        "deberta-v2" => {
+            let cfg: DebertaV2Config = serde_json::from_value(parse("deberta-v2")?).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
+            cfg.check().map_err(|e| load_err(dir, e))?;
+            let act = Act::parse("pooler_hidden_act", &cfg.pooler_hidden_act).map_err(|e| load_err(dir, e))?;
+            let body = DebertaV2Body::load(vb.clone(), &cfg).map_err(mismatch)?;
+            let h = cfg.hidden_size;
+            let pooler = linear(f32_head.pp("pooler.dense"), h, h).map_err(mismatch)?;
+            let classifier = linear(f32_head.pp("classifier"), h, num_labels).map_err(mismatch)?;
+            (Arch::Deberta { body, pooler, act, classifier }, "deberta-v2", cfg.max_position_embeddings, cfg.pad_id())
+        }
+        "qwen3" => {
+            let (body, info) = Body::load("qwen3", config_bytes, vb.clone()).map_err(body_failure)?;
+            let score = linear_no_bias(f32_head.pp("score"), info.hidden, num_labels).map_err(mismatch)?;
+            let pad = head.pad_token_id;
+            (Arch::Qwen3 { body, score, pad }, "qwen3", info.max_positions, pad.unwrap_or(0))
+        }
+        other => unreachable!("{other} passed the supported check"),
+    };
+    Ok(Built { arch, family, positions, default_pad })
+}
+
 impl CrossEncoderModel {
     /// Loads config.json, tokenizer.json and model.safetensors from `dir`, in f32. `max_tokens`
     /// 0 takes the model's position limit (at most 512).
@@ -339,74 +422,7 @@ impl CrossEncoderModel {
         let fingerprint = hex::encode(hasher.finalize());
         let vb = VarBuilder::from_buffered_safetensors(weights, dtype, device)
             .map_err(|e| load_err(dir, format!("model.safetensors: {e}")))?;
-        let mismatch = |e: candle_core::Error| load_err(dir, format!("model.safetensors does not match config.json: {e}"));
-        let body_failure = |e: LoadFailure| match e {
-            LoadFailure::Config(reason) if reason.contains("f32 only") => EncodeError::Unsupported(format!("{}: {model_type} cross-encoders run in f32 only; set the dtype to \"f32\"", dir.display())),
-            LoadFailure::Config(reason) => load_err(dir, reason),
-            LoadFailure::Weights(e) => mismatch(e),
-        };
-        let parse = |what: &str| -> Result<Value, EncodeError> { serde_json::from_slice(&config_bytes).map_err(|e| load_err(dir, format!("config.json ({what}): {e}"))) };
-        let f32_head = vb.to_dtype(DType::F32);
-        let (arch, family, positions, default_pad) = match model_type.as_str() {
-            "xlm-roberta" | "roberta" => {
-                // candle-transformers builds this family's attention mask in f32 and adds it to
-                // the scores, so its forward pass only runs in f32.
-                if dtype != DType::F32 {
-                    return Err(EncodeError::Unsupported(format!(
-                        "{}: {model_type} cross-encoders run in f32 only; set the dtype to \"f32\"",
-                        dir.display()
-                    )));
-                }
-                let cfg: XlmRobertaConfig =
-                    serde_json::from_slice(&config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
-                let model = XLMRobertaForSequenceClassification::new(num_labels, &cfg, vb).map_err(mismatch)?;
-                // Positions start after the padding index.
-                let positions = cfg.max_position_embeddings.saturating_sub(cfg.pad_token_id as usize + 1);
-                (Arch::XlmRoberta(model), "xlm-roberta", positions, 1)
-            }
-            "bert" => {
-                let cfg: BertConfig =
-                    serde_json::from_slice(&config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
-                let body = BertBody::load(vb.clone(), &cfg).map_err(mismatch)?;
-                let root = if f32_head.contains_tensor("bert.pooler.dense.weight") { f32_head.pp("bert") } else { f32_head.clone() };
-                let pooler = linear(root.pp("pooler.dense"), cfg.hidden_size, cfg.hidden_size).map_err(mismatch)?;
-                let classifier = linear(f32_head.pp("classifier"), cfg.hidden_size, num_labels).map_err(mismatch)?;
-                (Arch::Bert { body, pooler, classifier }, "bert", cfg.max_position_embeddings, 0)
-            }
-            "modernbert" => {
-                let (body, info) = Body::load("modernbert", &config_bytes, vb.clone()).map_err(body_failure)?;
-                let cfg: ModernBertHeadConfig = serde_json::from_value(parse("head")?).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
-                let mean = match cfg.classifier_pooling.as_str() {
-                    "cls" => false,
-                    "mean" => true,
-                    other => return Err(load_err(dir, format!("config.json classifier_pooling: {other:?} is not supported (cls, mean)"))),
-                };
-                let act = Act::parse("classifier_activation", &cfg.classifier_activation).map_err(|e| load_err(dir, e))?;
-                let h = cfg.hidden_size;
-                let d = f32_head.pp("head.dense");
-                let dense = if cfg.classifier_bias { linear(d, h, h) } else { linear_no_bias(d, h, h) }.map_err(mismatch)?;
-                let norm = LayerNorm::new_no_bias(f32_head.pp("head.norm").get(h, "weight").map_err(mismatch)?, cfg.norm_eps);
-                let classifier = linear(f32_head.pp("classifier"), h, num_labels).map_err(mismatch)?;
-                (Arch::ModernBert { body, dense, act, norm, classifier, mean }, "modernbert", info.max_positions, info.pad_id)
-            }
-            "deberta-v2" => {
-                let cfg: DebertaV2Config = serde_json::from_value(parse("deberta-v2")?).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
-                cfg.check().map_err(|e| load_err(dir, e))?;
-                let act = Act::parse("pooler_hidden_act", &cfg.pooler_hidden_act).map_err(|e| load_err(dir, e))?;
-                let body = DebertaV2Body::load(vb.clone(), &cfg).map_err(mismatch)?;
-                let h = cfg.hidden_size;
-                let pooler = linear(f32_head.pp("pooler.dense"), h, h).map_err(mismatch)?;
-                let classifier = linear(f32_head.pp("classifier"), h, num_labels).map_err(mismatch)?;
-                (Arch::Deberta { body, pooler, act, classifier }, "deberta-v2", cfg.max_position_embeddings, cfg.pad_id())
-            }
-            "qwen3" => {
-                let (body, info) = Body::load("qwen3", &config_bytes, vb.clone()).map_err(body_failure)?;
-                let score = linear_no_bias(f32_head.pp("score"), info.hidden, num_labels).map_err(mismatch)?;
-                let pad = head.pad_token_id;
-                (Arch::Qwen3 { body, score, pad }, "qwen3", info.max_positions, pad.unwrap_or(0))
-            }
-            other => unreachable!("{other} passed the supported check"),
-        };
+        let Built { arch, family, positions, default_pad } = build(dir, &model_type, &config_bytes, &head, num_labels, vb, dtype)?;
         // The weights were copied on this thread's stream; the model runs on another thread.
         device.synchronize().map_err(|e| load_err(dir, format!("copying the weights to the device: {e}")))?;
         let tokenizer = if family == "deberta-v2" {
