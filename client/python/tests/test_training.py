@@ -365,6 +365,8 @@ def test_topic_batches_bad_input() -> None:
         training.topic_batches(model, anchor_column="query")(data, batch_size=3, drop_last=False)
     with pytest.raises(ValueError, match="cluster_size must be at least 1"):
         training.topic_batches(model, cluster_size=-1)(data, batch_size=3, drop_last=False)
+    with pytest.raises(ValueError, match="max_clusters must be at least 1, got 0"):
+        training.topic_batches(model, max_clusters=0)(data, batch_size=3, drop_last=False)
     with pytest.raises(ValueError, match="n_clusters must be at least 1"):
         training.cluster_anchors(model, data["anchor"], 0)
     with pytest.raises(ValueError, match=r"topics: one per dataset row \(18\), got 2"):

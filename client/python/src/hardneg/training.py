@@ -603,8 +603,9 @@ def cluster_anchors(
 ) -> List[int]:
     """Each anchor's topic: spherical k-means (cosine similarity; k-means++ seeding drawn with
     ``seed``, then ``iterations`` Lloyd steps) over the model's query embeddings
-    (``encode_query``, so the model's prompts apply). Deterministic for a given model, anchors
-    and seed, so every torchrun rank computes the same topics. Time grows with anchors x
+    (``encode_query``, so the model's prompts apply). Deterministic for given embeddings and
+    seed; embeddings made on different devices can differ in their last bits, so
+    :func:`topic_batches` clusters on torchrun process 0 only and sends the topics. Time grows with anchors x
     clusters x dimensions per iteration; memory stays at the embeddings plus 8,192 x clusters
     similarities."""
     if n_clusters < 1:
@@ -750,6 +751,8 @@ def topic_batches(
         anchors = list(dict.fromkeys(dataset[column]))
         if cluster_size is not None and cluster_size < 1:
             raise ValueError(f"cluster_size must be at least 1, got {cluster_size}")
+        if max_clusters < 1:
+            raise ValueError(f"max_clusters must be at least 1, got {max_clusters}")
         n = round(len(anchors) / cluster_size) if cluster_size else min(max_clusters, round(len(anchors) / batch_size))
         # Under torchrun process 0 clusters and the others take its topics: every process must
         # cut the same batches (each then trains on its share of them).
