@@ -315,8 +315,9 @@ struct Built {
 /// config.json, `head` its classification fields.
 fn build(dir: &Path, model_type: &str, config_bytes: &[u8], head: &HeadConfig, num_labels: usize, vb: VarBuilder, dtype: DType) -> Result<Built, EncodeError> {
     let mismatch = |e: candle_core::Error| load_err(dir, format!("model.safetensors does not match config.json: {e}"));
+    let f32_only = || EncodeError::Unsupported(format!("{}: {model_type} cross-encoders run in f32 only; set the dtype to \"f32\"", dir.display()));
     let body_failure = |e: LoadFailure| match e {
-        LoadFailure::Config(reason) if reason.contains("f32 only") => EncodeError::Unsupported(format!("{}: {model_type} cross-encoders run in f32 only; set the dtype to \"f32\"", dir.display())),
+        LoadFailure::Config(reason) if reason.contains("f32 only") => f32_only(),
         LoadFailure::Config(reason) => load_err(dir, reason),
         LoadFailure::Weights(e) => mismatch(e),
     };
@@ -327,10 +328,7 @@ fn build(dir: &Path, model_type: &str, config_bytes: &[u8], head: &HeadConfig, n
             // candle-transformers builds this family's attention mask in f32 and adds it to
             // the scores, so its forward pass only runs in f32.
             if dtype != DType::F32 {
-                return Err(EncodeError::Unsupported(format!(
-                    "{}: {model_type} cross-encoders run in f32 only; set the dtype to \"f32\"",
-                    dir.display()
-                )));
+                return Err(f32_only());
             }
             let cfg: XlmRobertaConfig =
                 serde_json::from_slice(config_bytes).map_err(|e| load_err(dir, format!("config.json: {e}")))?;
