@@ -103,6 +103,8 @@ ROWS = {
     5: "hardneg online (MiningTrainer), preset denoised, refresh every K steps",
     6: "hardneg online, preset denoised, sampling ambiguous (SimANS)",
 }
+# The MineOptions each hardneg row sets beyond the collator's (--row-option adds to them).
+ROW_OPTIONS = {4: {}, 5: {}, 6: {"sampling": "ambiguous"}}
 
 
 # ---------------------------------------------------------------- setup
@@ -150,7 +152,7 @@ def parse_args() -> argparse.Namespace:
         p.error(f"--topic-batches: trained rows are {sorted(set(ROWS) - {0})}")
     if not set(args.rows) <= set(ROWS):
         p.error(f"--rows: rows are {sorted(ROWS)}")
-    args.options = {4: {}, 5: {}, 6: {"sampling": "ambiguous"}}
+    args.options = {r: dict(o) for r, o in ROW_OPTIONS.items()}
     for kv in args.simans_option:
         key, eq, value = kv.partition("=")
         if not eq:
@@ -558,7 +560,7 @@ def run_collection(col: dict, args, miner, store: Store, cache: Path) -> None:
         settings = {"options": args.options.get(r), "refresh_every": args.refresh_every if r in (5, 6) else None,
                     "prefetch": args.prefetch if r in (5, 6) else None}
         label = ROWS[r]
-        extra = {k: v for k, v in (args.options.get(r) or {}).items() if (k, v) != ("sampling", "ambiguous")}
+        extra = {k: v for k, v in (args.options.get(r) or {}).items() if ROW_OPTIONS[r].get(k) != v}
         if extra:
             label += ", with " + ", ".join(f"{k}={v}" for k, v in extra.items())
         if r in args.topic_batches:
